@@ -1,0 +1,54 @@
+# StationThis core. `make run` and `make test` are the two commands; both set up what they need.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+GEN := gen
+GEN_STAMP := $(GEN)/.generated-stamp
+PROTOS := $(shell find protos -name '*.proto' 2>/dev/null)
+BUF_VERSION := 1.75.0
+BUF := .tools/node_modules/.bin/buf
+
+export PYTHONPATH := $(CURDIR):$(CURDIR)/$(GEN)
+
+.PHONY: venv protos run test lint bench buf clean
+
+venv: $(STAMP)
+
+$(STAMP): requirements.txt constraints.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt -c constraints.txt
+	@touch $@
+
+protos: $(GEN_STAMP)
+
+$(GEN_STAMP): $(STAMP) $(PROTOS)
+	rm -rf $(GEN) && mkdir -p $(GEN)
+	$(PY) -m grpc_tools.protoc -Iprotos -I"$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" \
+		--python_out=$(GEN) --pyi_out=$(GEN) --grpc_python_out=$(GEN) $(PROTOS)
+	@touch $@
+
+run: protos
+	$(PY) -m common.launcher
+
+test: protos
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: protos
+	$(PY) -m bench
+
+$(BUF):
+	npm install --silent --no-audit --no-fund --prefix .tools @bufbuild/buf@$(BUF_VERSION)
+
+buf: $(BUF) $(STAMP)
+	rm -rf .build/third_party && mkdir -p .build/third_party/google
+	cp -r "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/google/api" .build/third_party/google/api
+	$(BUF) lint
+
+lint: protos buf
+	$(PY) -m ruff check .
+	$(PY) -m mypy
+
+clean:
+	rm -rf $(VENV) $(GEN) .tools .build
