@@ -1,0 +1,1 @@
+"""Shared machinery of StationThis core: config, errors, logging, telemetry and the gRPC bootstrap."""

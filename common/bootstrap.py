@@ -1,0 +1,166 @@
+"""One gRPC server bootstrap for every service.
+
+``GrpcServer`` wires a ``grpc.aio`` server the same way everywhere: interceptors (tracing, logging,
+errors), ``grpc.health.v1`` health that stays NOT_SERVING until the service's dependencies answer,
+server reflection for grpcurl, and a graceful stop (health NOT_SERVING, then ``stop(grace)`` so
+in-flight RPCs finish). ``serve`` runs one until SIGTERM or SIGINT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from . import telemetry
+from .config import ServerConfig
+from .interceptors import ErrorInterceptor, LoggingInterceptor
+
+log = logging.getLogger("stationthis.server")
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+@dataclass
+class Probe:
+    """A dependency check: ``check`` returns normally when the dependency answers, raises otherwise."""
+
+    name: str
+    check: Callable[[], Awaitable[Any]]
+
+
+@dataclass
+class Service:
+    """What a service brings to the bootstrap."""
+
+    name: str  # short name, e.g. "points"; used for logs and telemetry
+    domain: str  # ErrorInfo domain, e.g. "points.stationthis.dev"
+    service_names: Sequence[str]  # full gRPC service names, e.g. "stationthis.points.v1.PointsService"
+    register: Callable[[grpc.aio.Server], None]  # adds the servicers
+    probes: Sequence[Probe] = ()
+    on_stop: Sequence[Callable[[], Awaitable[Any]]] = field(default_factory=list)
+
+
+def redis_probe(client: Any, timeout: float = 1.0) -> Probe:
+    async def check() -> None:
+        await asyncio.wait_for(client.ping(), timeout)
+
+    return Probe("redis", check)
+
+
+def grpc_health_probe(name: str, channel: grpc.aio.Channel, service: str = "", timeout: float = 1.0) -> Probe:
+    """The peer at ``channel`` reports SERVING for ``service``."""
+    stub = health_pb2_grpc.HealthStub(channel)
+
+    async def check() -> None:
+        reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+        if reply.status != SERVING:
+            raise RuntimeError(f"{name} is {health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)}")
+
+    return Probe(name, check)
+
+
+class GrpcServer:
+    def __init__(self, service: Service, config: ServerConfig | None = None) -> None:
+        self.service = service
+        self.config = config or ServerConfig()
+        self.health = HealthServicer()
+        self.server = grpc.aio.server(
+            interceptors=[
+                telemetry.server_interceptor(),
+                LoggingInterceptor(),
+                ErrorInterceptor(service.domain),
+            ],
+            options=[("grpc.so_reuseport", 0)],
+        )
+        service.register(self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            [*service.service_names, reflection.SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name],
+            self.server,
+        )
+        self.port = 0
+        self._monitor: asyncio.Task[None] | None = None
+        self._serving: bool | None = None
+        self._stopping = False
+
+    async def start(self, address: str) -> int:
+        """Bind ``address`` (``host:0`` picks a free port), start serving and return the port."""
+        self.port = self.server.add_insecure_port(address)
+        if self.port == 0:
+            raise RuntimeError(f"could not bind {address}")
+        await self._set_all(NOT_SERVING)
+        await self.server.start()
+        self._monitor = asyncio.create_task(self._watch_dependencies(), name=f"{self.service.name}-health")
+        return self.port
+
+    async def check_dependencies(self) -> list[str]:
+        """Names and errors of the dependencies that do not answer now (empty = all healthy)."""
+        probes = self.service.probes
+        results = await asyncio.gather(
+            *(asyncio.wait_for(p.check(), self.config.health_interval_seconds) for p in probes),
+            return_exceptions=True,
+        )
+        return [
+            f"{probe.name}: {type(result).__name__} {result}".strip()
+            for probe, result in zip(probes, results)
+            if isinstance(result, BaseException)
+        ]
+
+    async def _watch_dependencies(self) -> None:
+        while not self._stopping:
+            failures = await self.check_dependencies()
+            serving = not failures
+            if serving != self._serving and not self._stopping:
+                self._serving = serving
+                await self._set_all(SERVING if serving else NOT_SERVING)
+                if serving:
+                    log.info("dependencies answer; health is SERVING")
+                else:
+                    log.warning("health is NOT_SERVING", extra={"failing": failures})
+            await asyncio.sleep(self.config.health_interval_seconds)
+
+    async def _set_all(self, status: int) -> None:
+        for name in ("", *self.service.service_names):
+            await self.health.set(name, status)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Health to NOT_SERVING, then stop accepting RPCs and let in-flight ones finish."""
+        if self._stopping:
+            return
+        self._stopping = True
+        await self.health.enter_graceful_shutdown()
+        if self._monitor is not None:
+            self._monitor.cancel()
+        await self.server.stop(self.config.grace_seconds if grace is None else grace)
+        for hook in self.service.on_stop:
+            try:
+                await hook()
+            except Exception:  # a failing close must not hide the others
+                log.exception("error while closing %s", self.service.name)
+
+
+async def serve(service: Service, address: str, config: ServerConfig) -> None:
+    """Run ``service`` on ``address`` until SIGTERM or SIGINT, then stop gracefully."""
+    server = GrpcServer(service, config)
+    port = await server.start(address)
+    host = address.rpartition(":")[0]
+    log.info("%s listening on %s:%d", service.name, host, port, extra={"port": port})
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("%s stopping (grace %.1fs)", service.name, config.grace_seconds)
+    await server.stop()
+    telemetry.shutdown()
+    log.info("%s stopped", service.name)

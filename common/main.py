@@ -1,0 +1,47 @@
+"""Process entry point shared by the services: parse config, set up logs and tracing, serve."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Protocol, TypeVar
+
+from . import logs, telemetry
+from .bootstrap import Service, serve
+from .config import ConfigError, ServerConfig, load, secrets_of
+
+
+class ServiceConfig(Protocol):
+    @property
+    def listen_addr(self) -> str: ...
+
+
+C = TypeVar("C", bound=ServiceConfig)
+
+
+def run(
+    name: str,
+    config_cls: type[C],
+    build: Callable[[C], Awaitable[Service]],
+    environ: Mapping[str, str] | None = None,
+) -> None:
+    """Start service ``name``; exit 2 with a message naming the variable on a configuration error."""
+    environ = os.environ if environ is None else environ
+    try:
+        config = load(config_cls, environ)
+        server_config = load(ServerConfig, environ)
+    except ConfigError as exc:
+        print(f"stationthis-{name}: configuration error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    logs.configure(name, server_config.log_level, secrets_of(config))
+    telemetry.setup(f"stationthis-{name}", environ)
+
+    async def main() -> None:
+        service = await build(config)
+        await serve(service, config.listen_addr, server_config)
+
+    asyncio.run(main())
+
+

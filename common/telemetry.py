@@ -1,0 +1,71 @@
+"""OpenTelemetry, wired once and explicitly at process start.
+
+A ``TracerProvider`` named after the service; W3C TraceContext and Baggage propagation; OTLP export
+only when ``OTEL_EXPORTER_OTLP_ENDPOINT`` is set (the exporter reads the standard ``OTEL_*``
+variables itself); nothing exported otherwise. Redis and httpx clients are instrumented here so every
+outbound call joins the caller's trace. Health and reflection RPCs stay out of traces.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from opentelemetry import propagate, trace
+from opentelemetry.baggage.propagation import W3CBaggagePropagator
+from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor, filters
+from opentelemetry.propagators.composite import CompositePropagator
+from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+# Health checks and reflection stay out of traces.
+_traced = filters.negate(filters.any_of(filters.health_check(), filters.service_prefix("grpc.reflection.")))
+
+_provider: TracerProvider | None = None
+
+
+def setup(service_name: str, environ: Mapping[str, str] | None = None, extra: SpanProcessor | None = None) -> TracerProvider:
+    """Install the global tracer provider and propagators (idempotent within a process)."""
+    global _provider
+    environ = os.environ if environ is None else environ
+    propagate.set_global_textmap(CompositePropagator([TraceContextTextMapPropagator(), W3CBaggagePropagator()]))
+    if _provider is None:
+        name = environ.get("OTEL_SERVICE_NAME") or service_name
+        _provider = TracerProvider(resource=Resource.create({SERVICE_NAME: name}))
+        if environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+            _provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+        trace.set_tracer_provider(_provider)
+        _instrument_clients()
+    if extra is not None:
+        _provider.add_span_processor(extra)
+    return _provider
+
+
+def _instrument_clients() -> None:
+    from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
+    from opentelemetry.instrumentation.redis import RedisInstrumentor
+
+    if not RedisInstrumentor().is_instrumented_by_opentelemetry:
+        RedisInstrumentor().instrument()
+    if not HTTPXClientInstrumentor().is_instrumented_by_opentelemetry:
+        HTTPXClientInstrumentor().instrument()
+
+
+def server_interceptor() -> Any:
+    """The grpc.aio server interceptor that continues the caller's trace."""
+    return aio_server_interceptor(filter_=_traced)
+
+
+def client_interceptors() -> list[Any]:
+    """grpc.aio client interceptors that start a span and send ``traceparent``."""
+    return aio_client_interceptors(filter_=_traced)
+
+
+def shutdown() -> None:
+    if _provider is not None:
+        _provider.force_flush(timeout_millis=2000)

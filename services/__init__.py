@@ -1,0 +1,1 @@
+"""The StationThis gRPC services."""

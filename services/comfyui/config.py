@@ -1,0 +1,23 @@
+"""ComfyUI runs service configuration (environment variables)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from common.config import ComfyDeploySettings, RedisSettings, env, listen_address, service_address
+
+
+@dataclass(frozen=True)
+class ComfyUIConfig(RedisSettings, ComfyDeploySettings):
+    listen_addr: str = env(
+        "COMFYUI_LISTEN_ADDR", default="127.0.0.1:50053", parse=listen_address, doc="gRPC listen address."
+    )
+    points_service_addr: str = env(
+        "POINTS_SERVICE_ADDR", default="127.0.0.1:50051", parse=service_address, doc="Points service address."
+    )
+    workflows_service_addr: str = env(
+        "WORKFLOWS_SERVICE_ADDR",
+        default="127.0.0.1:50052",
+        parse=service_address,
+        doc="Workflow catalog service address.",
+    )

@@ -1,0 +1,42 @@
+"""Assembles the ComfyUI runs service for the shared bootstrap."""
+
+from __future__ import annotations
+
+import grpc
+
+from common import redis_client, telemetry
+from common.bootstrap import Service, grpc_health_probe, redis_probe
+from stationthis.comfyui.v1 import comfyui_service_pb2, comfyui_service_pb2_grpc
+
+from .config import ComfyUIConfig
+from .servicer import ComfyUIServicer
+
+SERVICE_NAME = comfyui_service_pb2.DESCRIPTOR.services_by_name["ComfyUIService"].full_name
+DOMAIN = "comfyui.stationthis.dev"
+POINTS_SERVICE = "stationthis.points.v1.PointsService"
+WORKFLOWS_SERVICE = "stationthis.workflows.v1.WorkflowsService"
+
+
+async def build(config: ComfyUIConfig) -> Service:
+    redis = redis_client.connect(config.redis_url)
+    points = grpc.aio.insecure_channel(config.points_service_addr, interceptors=telemetry.client_interceptors())
+    workflows = grpc.aio.insecure_channel(config.workflows_service_addr, interceptors=telemetry.client_interceptors())
+    servicer = ComfyUIServicer()
+
+    async def close() -> None:
+        await points.close()
+        await workflows.close()
+        await redis.aclose()
+
+    return Service(
+        name="comfyui",
+        domain=DOMAIN,
+        service_names=[SERVICE_NAME],
+        register=lambda server: comfyui_service_pb2_grpc.add_ComfyUIServiceServicer_to_server(servicer, server),
+        probes=[
+            redis_probe(redis),
+            grpc_health_probe("points", points, POINTS_SERVICE),
+            grpc_health_probe("workflows", workflows, WORKFLOWS_SERVICE),
+        ],
+        on_stop=[close],
+    )
