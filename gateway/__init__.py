@@ -1,0 +1,1 @@
+"""The HTTP JSON gateway: routes built from the contracts' google.api.http annotations."""

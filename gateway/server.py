@@ -1,0 +1,33 @@
+"""Runs the gateway under uvicorn, traced by the OpenTelemetry ASGI middleware."""
+
+from __future__ import annotations
+
+import logging
+
+import uvicorn
+from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+
+from .app import create_app
+from .config import GatewayConfig
+
+log = logging.getLogger("stationthis.gateway")
+
+
+def asgi_app(config: GatewayConfig) -> OpenTelemetryMiddleware:
+    """The gateway app wrapped for tracing; health endpoints stay out of traces."""
+    return OpenTelemetryMiddleware(create_app(config), excluded_urls="healthz,readyz")
+
+
+def uvicorn_server(config: GatewayConfig, port: int | None = None) -> uvicorn.Server:
+    host, _, listen_port = config.listen_addr.rpartition(":")
+    return uvicorn.Server(
+        uvicorn.Config(
+            asgi_app(config),
+            host=host.strip("[]"),
+            port=int(listen_port) if port is None else port,
+            log_config=None,  # our JSON logging handles uvicorn's loggers too
+            access_log=False,  # the gateway logs each request itself, without the query string
+            lifespan="on",
+            timeout_graceful_shutdown=10,
+        )
+    )
