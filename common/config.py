@@ -78,11 +78,13 @@ def variables(cls: type[Any]) -> list[tuple[str, str, str, bool]]:
 
 def secrets_of(config: Any) -> list[str]:
     """The non-empty secret values of a loaded config, for the log redaction filter."""
-    return [
-        str(getattr(config, f.name))
-        for f in dataclasses.fields(config)
-        if f.metadata.get("secret") and getattr(config, f.name)
-    ]
+    found: list[str] = []
+    for f in dataclasses.fields(config):
+        if not f.metadata.get("secret"):
+            continue
+        value = getattr(config, f.name)
+        found.extend(str(v) for v in (value if isinstance(value, (tuple, list)) else [value]) if v)
+    return found
 
 
 # --- parsers -------------------------------------------------------------------------------------

@@ -1,0 +1,121 @@
+"""Shared fixtures: a real Redis server process and the services in-process on 127.0.0.1:0."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from common.bootstrap import GrpcServer, Service
+from common.config import ServerConfig, load
+from common.redis_server import RedisServer
+
+ROOT = Path(__file__).resolve().parent.parent
+FAST = ServerConfig(log_level="INFO", grace_seconds=5.0, health_interval_seconds=0.05)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One real redis-server process for the session, on a free loopback port."""
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> Iterator[str]:
+    """The session's Redis, emptied before each test."""
+    import redis
+
+    client = redis.Redis.from_url(redis_server.url)
+    client.flushall()
+    client.close()
+    yield redis_server.url
+
+
+@dataclass
+class Running:
+    server: GrpcServer
+    address: str
+    channel: grpc.aio.Channel
+
+    async def health(self, service: str = "") -> int:
+        reply = await health_pb2_grpc.HealthStub(self.channel).Check(
+            health_pb2.HealthCheckRequest(service=service), timeout=2
+        )
+        return int(reply.status)
+
+
+async def wait_serving(running: Running, service: str = "", timeout: float = 10.0) -> None:
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while loop.time() < deadline:
+        if await running.health(service) == health_pb2.HealthCheckResponse.SERVING:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"{service or 'server'} not SERVING within {timeout}s")
+
+
+StartService = Callable[[Callable[[Any], Awaitable[Service]], type, dict[str, str]], Awaitable[Running]]
+
+
+@pytest.fixture
+async def start_service() -> AsyncIterator[StartService]:
+    """Start a service the way its process does, but in-process on 127.0.0.1:0."""
+    started: list[Running] = []
+
+    async def start(build: Callable[[Any], Awaitable[Service]], config_cls: type, environ: dict[str, str]) -> Running:
+        config = load(config_cls, environ)
+        server = GrpcServer(await build(config), FAST)
+        port = await server.start("127.0.0.1:0")
+        running = Running(server, f"127.0.0.1:{port}", grpc.aio.insecure_channel(f"127.0.0.1:{port}"))
+        started.append(running)
+        return running
+
+    yield start
+    for running in reversed(started):
+        await running.channel.close()
+        await running.server.stop(0)
+
+
+@pytest.fixture
+async def stack(redis_url: str, start_service: StartService) -> dict[str, Running]:
+    """points, workflows and comfyui, wired to each other and to the test Redis, all SERVING."""
+    from services.comfyui.config import ComfyUIConfig
+    from services.comfyui.server import build as build_comfyui
+    from services.points.config import PointsConfig
+    from services.points.server import build as build_points
+    from services.workflows.config import WorkflowsConfig
+    from services.workflows.server import build as build_workflows
+
+    env = {"REDIS_URL": redis_url}
+    points = await start_service(build_points, PointsConfig, env)
+    workflows = await start_service(build_workflows, WorkflowsConfig, env)
+    comfyui = await start_service(
+        build_comfyui,
+        ComfyUIConfig,
+        {**env, "POINTS_SERVICE_ADDR": points.address, "WORKFLOWS_SERVICE_ADDR": workflows.address},
+    )
+    for running in (points, workflows, comfyui):
+        await wait_serving(running)
+    return {"points": points, "workflows": workflows, "comfyui": comfyui}
+
+
+def python_env(**extra: str) -> dict[str, str]:
+    """Environment for a child Python process of this repo (generated code on the path)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "gen")])
+    env.update(extra)
+    return env
+
+
+PYTHON = sys.executable
