@@ -85,7 +85,11 @@ class GrpcServer:
         service.register(self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
-            [*service.service_names, reflection.SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name],
+            [
+                *service.service_names,
+                reflection.SERVICE_NAME,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            ],
             self.server,
         )
         self.port = 0
@@ -112,7 +116,7 @@ class GrpcServer:
         )
         return [
             f"{probe.name}: {type(result).__name__} {result}".strip()
-            for probe, result in zip(probes, results)
+            for probe, result in zip(probes, results, strict=False)
             if isinstance(result, BaseException)
         ]
 

@@ -118,7 +118,7 @@ def main() -> int:
         if not env.get("COMFYDEPLOY_API_KEY"):
             say("no COMFYDEPLOY_API_KEY: ComfyUI Deploy is not called (the emulator arrives with its issue)")
         key_source = _gateway_key(env)
-        for name, module, variable, default, _ in SERVICES:
+        for name, _module, variable, default, _ in SERVICES:
             env.setdefault(variable, default)
             if name in PEER_VARIABLES:
                 env.setdefault(PEER_VARIABLES[name], env[variable])

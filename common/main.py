@@ -43,5 +43,3 @@ def run(
         await serve(service, config.listen_addr, server_config)
 
     asyncio.run(main())
-
-

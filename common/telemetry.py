@@ -27,7 +27,9 @@ _traced = filters.negate(filters.any_of(filters.health_check(), filters.service_
 _provider: TracerProvider | None = None
 
 
-def setup(service_name: str, environ: Mapping[str, str] | None = None, extra: SpanProcessor | None = None) -> TracerProvider:
+def setup(
+    service_name: str, environ: Mapping[str, str] | None = None, extra: SpanProcessor | None = None
+) -> TracerProvider:
     """Install the global tracer provider and propagators (idempotent within a process)."""
     global _provider
     environ = os.environ if environ is None else environ

@@ -143,7 +143,9 @@ class Gateway:
             return _error(transcode.simple_status(grpc.StatusCode.NOT_FOUND, "no such route", "ROUTE_NOT_FOUND"))
         if route.full_method not in PUBLIC_METHODS and not self.authenticated(request):
             return _error(
-                transcode.simple_status(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid API key", "API_KEY_INVALID")
+                transcode.simple_status(
+                    grpc.StatusCode.UNAUTHENTICATED, "missing or invalid API key", "API_KEY_INVALID"
+                )
             )
         body = await request.body()
         if len(body) > self.config.max_body_bytes:
@@ -168,7 +170,9 @@ class Gateway:
         serialize = route.input_type.SerializeToString
         deserialize = route.output_type.FromString
         if route.server_streaming:
-            stream = channel.unary_stream(route.full_method, request_serializer=serialize, response_deserializer=deserialize)
+            stream = channel.unary_stream(
+                route.full_method, request_serializer=serialize, response_deserializer=deserialize
+            )
             return StreamingResponse(
                 self._sse(stream(message)),
                 media_type="text/event-stream",

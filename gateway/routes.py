@@ -40,7 +40,7 @@ class Route:
         found = self.pattern.fullmatch(path)
         if found is None:
             return None
-        return {field: value for field, value in zip(self.path_fields, found.groups())}
+        return {field: value for field, value in zip(self.path_fields, found.groups(), strict=False)}
 
 
 def _segment_regex(segment_pattern: str) -> str:

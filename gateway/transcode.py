@@ -94,9 +94,7 @@ def _field(message_descriptor: descriptor.Descriptor, path: str) -> descriptor.F
     for part in path.split("."):
         if current is None:
             return None
-        found = current.fields_by_name.get(part) or next(
-            (f for f in current.fields if f.json_name == part), None
-        )
+        found = current.fields_by_name.get(part) or next((f for f in current.fields if f.json_name == part), None)
         if found is None:
             return None
         current = found.message_type

@@ -14,4 +14,6 @@ from tests.support import make_test_service
 
 if __name__ == "__main__":
     logs.configure("slow", "INFO")
-    asyncio.run(serve(make_test_service(), "127.0.0.1:0", ServerConfig(grace_seconds=10.0, health_interval_seconds=0.05)))
+    asyncio.run(
+        serve(make_test_service(), "127.0.0.1:0", ServerConfig(grace_seconds=10.0, health_interval_seconds=0.05))
+    )

@@ -18,7 +18,6 @@ from grpc_status import rpc_status
 
 from common import logs
 from common.bootstrap import GrpcServer, Probe, redis_probe
-from common.config import ServerConfig
 from common.redis_client import connect
 from common.redis_server import RedisServer, free_port
 from tests.conftest import FAST, PYTHON, ROOT, python_env
@@ -42,7 +41,9 @@ def call(channel: grpc.aio.Channel, method: str):
     return channel.unary_unary(f"/{TEST_SERVICE}/{method}")
 
 
-def details(error: grpc.aio.AioRpcError) -> tuple[error_details_pb2.ErrorInfo | None, error_details_pb2.BadRequest | None]:
+def details(
+    error: grpc.aio.AioRpcError,
+) -> tuple[error_details_pb2.ErrorInfo | None, error_details_pb2.BadRequest | None]:
     status = rpc_status.from_call(error)
     info = bad = None
     assert status is not None, "no google.rpc.Status in the trailers"
@@ -211,7 +212,6 @@ def test_sigterm_drains_in_flight_rpc():
 
 
 def test_json_logs_carry_trace_id_and_redact_secrets():
-    from opentelemetry import trace
     from opentelemetry.sdk.trace import TracerProvider
 
     stream = io.StringIO()
