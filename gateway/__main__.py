@@ -21,7 +21,7 @@ def main() -> None:
         raise SystemExit(2) from None
     logs.configure("gateway", server_config.log_level, secrets_of(config))
     telemetry.setup("stationthis-gateway")
-    uvicorn_server(config).run()  # uvicorn stops gracefully on SIGTERM/SIGINT
+    uvicorn_server(config, server_config.grace_seconds).run()  # uvicorn stops gracefully on SIGTERM/SIGINT
     telemetry.shutdown()
 
 

@@ -18,7 +18,7 @@ def asgi_app(config: GatewayConfig) -> OpenTelemetryMiddleware:
     return OpenTelemetryMiddleware(create_app(config), excluded_urls="healthz,readyz")
 
 
-def uvicorn_server(config: GatewayConfig, port: int | None = None) -> uvicorn.Server:
+def uvicorn_server(config: GatewayConfig, grace_seconds: float = 10.0, port: int | None = None) -> uvicorn.Server:
     host, _, listen_port = config.listen_addr.rpartition(":")
     return uvicorn.Server(
         uvicorn.Config(
@@ -28,6 +28,6 @@ def uvicorn_server(config: GatewayConfig, port: int | None = None) -> uvicorn.Se
             log_config=None,  # our JSON logging handles uvicorn's loggers too
             access_log=False,  # the gateway logs each request itself, without the query string
             lifespan="on",
-            timeout_graceful_shutdown=10,
+            timeout_graceful_shutdown=int(grace_seconds) or 1,
         )
     )
