@@ -201,7 +201,7 @@ class ComfyDeploySettings:
         "COMFYDEPLOY_API_URL",
         default="https://api.comfydeploy.com/api",
         parse=http_url,
-        doc="ComfyUI Deploy API base URL (V2). `make run` points it at the emulator when no key is set.",
+        doc="ComfyUI Deploy API base URL (V2).",
     )
     comfydeploy_api_key: str = env(
         "COMFYDEPLOY_API_KEY", default="", secret=True, doc="ComfyUI Deploy API key (Bearer). Never logged."
