@@ -171,7 +171,7 @@ def build_request(
             if field is None:
                 raise BadRequest([FieldViolation(name, "is not a field of this request")])
             converted = [_query_value(field, name, v) for v in values]
-            if field.label == descriptor.FieldDescriptor.LABEL_REPEATED:
+            if field.is_repeated:
                 _set_path(data, name, converted)
             elif len(converted) > 1:
                 raise BadRequest([FieldViolation(name, "given more than once")])
