@@ -16,7 +16,7 @@ from typing import Any
 import grpc
 from grpc_status import rpc_status
 
-from .errors import DomainError, internal_status, to_rpc_status
+from .errors import DomainError, Unimplemented, internal_status, to_rpc_status
 
 log = logging.getLogger("stationthis.rpc")
 
@@ -113,8 +113,7 @@ class _ErrorScope:
             status = to_rpc_status(exc, self.domain)
         elif isinstance(exc, NotImplementedError):
             # The generated servicer base raises this for an RPC that is not implemented yet.
-            await self.context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{self.method} is not implemented yet")
-            return False
+            status = to_rpc_status(Unimplemented(f"{self.method} is not implemented yet"), self.domain)
         else:
             log.error("unhandled exception in %s", self.method, exc_info=exc, extra={"rpc": self.method})
             status = internal_status(self.domain)
