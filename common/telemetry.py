@@ -65,7 +65,8 @@ def server_interceptor() -> Any:
 
 def client_interceptors() -> list[Any]:
     """grpc.aio client interceptors that start a span and send ``traceparent``."""
-    return aio_client_interceptors(filter_=_traced)
+    interceptors: list[Any] = aio_client_interceptors(filter_=_traced)
+    return interceptors
 
 
 def shutdown() -> None:

@@ -137,9 +137,9 @@ class Gateway:
                 status = transcode.simple_status(
                     grpc.StatusCode.UNIMPLEMENTED, f"{request.method} is not allowed here", "METHOD_NOT_ALLOWED"
                 )
-                body = transcode.error_body(status)
-                body["error"]["code"] = 405
-                return JSONResponse(body, status_code=405)
+                not_allowed = transcode.error_body(status)
+                not_allowed["error"]["code"] = 405
+                return JSONResponse(not_allowed, status_code=405)
             return _error(transcode.simple_status(grpc.StatusCode.NOT_FOUND, "no such route", "ROUTE_NOT_FOUND"))
         if route.full_method not in PUBLIC_METHODS and not self.authenticated(request):
             return _error(

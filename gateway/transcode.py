@@ -184,7 +184,9 @@ def build_request(
         data.pop("requestId", None)
         data["request_id"] = idempotency_key
     try:
-        return json_format.ParseDict(data, route.input_type(), ignore_unknown_fields=ignore_unknown_fields)
+        request: Message = route.input_type()
+        json_format.ParseDict(data, request, ignore_unknown_fields=ignore_unknown_fields)
+        return request
     except json_format.ParseError as exc:
         raise BadRequest([FieldViolation("body", str(exc))]) from None
 
