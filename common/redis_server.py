@@ -62,9 +62,7 @@ class RedisServer:
             "--logfile", str((self.data_dir / "redis.log").resolve()),
         ]  # fmt: skip
         # Own session: a Ctrl-C meant for the launcher must not kill Redis before the services stop.
-        self.process = subprocess.Popen(
-            args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
-        )
+        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
