@@ -59,8 +59,9 @@ def load(cls: type[T], environ: Mapping[str, str]) -> T:
         try:
             values[field.name] = meta["parse"](raw.strip())
         except (ValueError, TypeError) as exc:
-            shown = "<hidden>" if meta["secret"] else repr(raw)
-            raise ConfigError(f"{name}={shown} is invalid: {exc}") from None
+            if meta["secret"]:  # the parser's message may quote the value: say nothing of it
+                raise ConfigError(f"{name} is invalid (value hidden: it is a secret)") from None
+            raise ConfigError(f"{name}={raw!r} is invalid: {exc}") from None
     return cls(**values)
 
 

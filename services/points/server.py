@@ -2,25 +2,58 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+
 from common import redis_client
 from common.bootstrap import Service, redis_probe
+from common.errors import DomainError
 from stationthis.points.v1 import points_service_pb2, points_service_pb2_grpc
 
 from .config import PointsConfig
+from .ledger import Clock, LedgerSettings, RedisLedger
 from .servicer import PointsServicer
 
 SERVICE_NAME = points_service_pb2.DESCRIPTOR.services_by_name["PointsService"].full_name
 DOMAIN = "points.stationthis.dev"
+log = logging.getLogger("stationthis.points")
 
 
-async def build(config: PointsConfig) -> Service:
+async def sweep_transfers(ledger: RedisLedger, every_seconds: int) -> None:
+    """Finish transfers a crash left between their two sides, forever (until cancelled)."""
+    while True:
+        try:
+            finished = await ledger.recover_transfers(older_than_ms=every_seconds * 1000)
+            if finished:
+                log.warning("finished %d interrupted transfer(s)", finished)
+        except DomainError as exc:
+            log.warning("transfer recovery deferred: %s", exc.message)
+        except Exception:
+            log.exception("transfer recovery failed")
+        await asyncio.sleep(every_seconds)
+
+
+async def build(config: PointsConfig, clock: Clock | None = None) -> Service:
     redis = redis_client.connect(config.redis_url)
-    servicer = PointsServicer()
-    return Service(
+    economy = config.economy()
+    ledger = RedisLedger(redis, LedgerSettings(economy=economy, max_open_holds=config.max_open_holds), clock)
+    servicer = PointsServicer(ledger, economy, config.hold_estimate, config.hold_ttl_seconds)
+    sweeper = asyncio.create_task(sweep_transfers(ledger, config.transfer_recovery_seconds), name="transfer-sweep")
+
+    async def close() -> None:
+        sweeper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sweeper
+        await redis.aclose()
+
+    service = Service(
         name="points",
         domain=DOMAIN,
         service_names=[SERVICE_NAME],
         register=lambda server: points_service_pb2_grpc.add_PointsServiceServicer_to_server(servicer, server),
         probes=[redis_probe(redis)],
-        on_stop=[redis.aclose],
+        on_stop=[close],
     )
+    service.ledger = ledger  # type: ignore[attr-defined]  # for tests and benchmarks
+    return service
