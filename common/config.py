@@ -72,7 +72,8 @@ def variables(cls: type[Any]) -> list[tuple[str, str, str, bool]]:
         meta = field.metadata
         if "env" not in meta:
             continue
-        default = "" if field.default is dataclasses.MISSING else str(field.default)
+        missing = field.default is dataclasses.MISSING or field.default in ((), "")
+        default = "" if missing else str(field.default)
         out.append((meta["env"], default, meta["doc"], meta["secret"]))
     return out
 
