@@ -10,15 +10,20 @@ from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
 from .app import create_app
 from .config import GatewayConfig
 
-log = logging.getLogger("stationthis.gateway")
-
 
 def asgi_app(config: GatewayConfig) -> OpenTelemetryMiddleware:
     """The gateway app wrapped for tracing; health endpoints stay out of traces."""
     return OpenTelemetryMiddleware(create_app(config), excluded_urls="healthz,readyz")
 
 
+def _silence_access_log() -> None:
+    # uvicorn's access log prints the query string, which may carry a webhook token: keep it off
+    # whatever handlers exist (the gateway logs each request itself, without the query).
+    logging.getLogger("uvicorn.access").disabled = True
+
+
 def uvicorn_server(config: GatewayConfig, grace_seconds: float = 10.0, port: int | None = None) -> uvicorn.Server:
+    _silence_access_log()
     host, _, listen_port = config.listen_addr.rpartition(":")
     return uvicorn.Server(
         uvicorn.Config(

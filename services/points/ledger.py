@@ -144,8 +144,9 @@ class RedisLedger:
         try:
             raw = await self._script(keys=keys, args=[self._params(user_id), json.dumps(request)])
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-            raise Unavailable("the points store did not answer; retry with the same request_id",
-                              reason="STORE_UNAVAILABLE") from exc
+            raise Unavailable(
+                "the points store did not answer; retry with the same request_id", reason="STORE_UNAVAILABLE"
+            ) from exc
         result = json.loads(raw)
         if isinstance(result, dict) and "error" in result:
             _raise(result)
@@ -155,8 +156,9 @@ class RedisLedger:
         try:
             return await call
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-            raise Unavailable("the points store did not answer; retry with the same request_id",
-                              reason="STORE_UNAVAILABLE") from exc
+            raise Unavailable(
+                "the points store did not answer; retry with the same request_id", reason="STORE_UNAVAILABLE"
+            ) from exc
 
     @staticmethod
     def _replayed(result: Any) -> Any:
@@ -175,7 +177,9 @@ class RedisLedger:
             raise NotFound(f"no hold {hold_id} for this user", reason="HOLD_NOT_FOUND", metadata={"hold_id": hold_id})
         return dict(result["hold"])
 
-    async def transactions(self, user_id: str, page_size: int, before_seq: int | None) -> tuple[list[dict[str, Any]], int | None]:
+    async def transactions(
+        self, user_id: str, page_size: int, before_seq: int | None
+    ) -> tuple[list[dict[str, Any]], int | None]:
         """Newest first; returns (page, seq to continue before or None at the end)."""
         request: dict[str, Any] = {"op": "read", "page_size": page_size}
         if before_seq is not None:

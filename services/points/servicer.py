@@ -55,14 +55,18 @@ class PointsServicer(points_service_pb2_grpc.PointsServiceServicer):
         check = Violations()
         check.user_id("user_id", request.user_id)
         check.check()
-        return points_service_pb2.GetAccountResponse(account=convert.account(await self.ledger.account(request.user_id)))
+        return points_service_pb2.GetAccountResponse(
+            account=convert.account(await self.ledger.account(request.user_id))
+        )
 
     async def GetHold(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         check = Violations()
         check.user_id("user_id", request.user_id)
         _hold_id(check, request.hold_id)
         check.check()
-        return points_service_pb2.GetHoldResponse(hold=convert.hold(await self.ledger.hold(request.user_id, request.hold_id)))
+        return points_service_pb2.GetHoldResponse(
+            hold=convert.hold(await self.ledger.hold(request.user_id, request.hold_id))
+        )
 
     async def ReserveHold(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         check = Violations()
@@ -228,5 +232,3 @@ class PointsServicer(points_service_pb2_grpc.PointsServiceServicer):
             transactions=[convert.transaction(row) for row in rows],
             next_page_token=encode_page_token({"u": request.user_id, "s": next_before}) if next_before else "",
         )
-
-
