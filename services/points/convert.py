@@ -25,7 +25,7 @@ def hold(d: dict[str, Any]) -> points_pb2.Hold:
         hold_id=d["id"],
         user_id=d["user"],
         run_id=d.get("run") or "",
-        state=points_pb2.HoldState.Value(f"HOLD_STATE_{d['state']}"),
+        state=f"HOLD_STATE_{d['state']}",
         estimate_points=int(d["est"]),
         points_held=int(d["p"]),
         qoints_held=int(d["q"]),
@@ -34,9 +34,8 @@ def hold(d: dict[str, Any]) -> points_pb2.Hold:
         qoints_charged=int(d["qc"]),
         unpaid_points=int(d["unpaid"]),
         memo=d.get("memo") or "",
+        release_reason=f"RELEASE_REASON_{d['reason']}" if d.get("reason") else None,
     )
-    if d.get("reason"):
-        message.release_reason = points_pb2.ReleaseReason.Value(f"RELEASE_REASON_{d['reason']}")
     for name, key in (("create_time", "created"), ("expire_time", "expires"), ("settle_time", "settled")):
         stamp = _ts(d.get(key))
         if stamp is not None:
@@ -70,12 +69,13 @@ def account(d: dict[str, Any]) -> points_pb2.Account:
 
 
 def transaction(d: dict[str, Any] | None) -> points_pb2.Transaction | None:
+    """None for no transaction (a release of a hold that had already expired changes nothing)."""
     if not isinstance(d, dict):
         return None
     message = points_pb2.Transaction(
         transaction_id=d["id"],
         user_id=d["id"].rpartition("/")[0],
-        kind=points_pb2.TransactionKind.Value(f"TRANSACTION_KIND_{d['kind']}"),
+        kind=f"TRANSACTION_KIND_{d['kind']}",
         points_used_delta=int(d["d_used"]),
         points_held_delta=int(d["d_hp"]),
         qoints_delta=int(d["d_q"]),
@@ -94,11 +94,9 @@ def transaction(d: dict[str, Any] | None) -> points_pb2.Transaction | None:
         counterparty_user_id=d.get("counterparty") or "",
         memo=d.get("memo") or "",
         request_id=d.get("request_id") or "",
+        qoints_source=f"QOINTS_SOURCE_{d['source']}" if d.get("source") else None,
+        release_reason=f"RELEASE_REASON_{d['reason']}" if d.get("reason") else None,
     )
-    if d.get("source"):
-        message.qoints_source = points_pb2.QointsSource.Value(f"QOINTS_SOURCE_{d['source']}")
-    if d.get("reason"):
-        message.release_reason = points_pb2.ReleaseReason.Value(f"RELEASE_REASON_{d['reason']}")
     stamp = _ts(d.get("at"))
     if stamp is not None:
         message.create_time.CopyFrom(stamp)

@@ -8,10 +8,10 @@ drives both with random operations and finds no difference.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import ROUND_CEILING, Decimal
 from types import MappingProxyType
-from typing import Mapping
 
 from stationthis.type.v1 import gpu_pb2
 
@@ -88,7 +88,7 @@ def level(exp: int) -> int:
     """floor(cbrt(exp)), exactly: the largest L with L**3 <= exp."""
     if exp <= 0:
         return 0
-    guess = round(exp ** (1 / 3))
+    guess = int(round(exp ** (1 / 3)))
     while guess**3 > exp:
         guess -= 1
     while (guess + 1) ** 3 <= exp:

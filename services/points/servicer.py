@@ -229,6 +229,6 @@ class PointsServicer(points_service_pb2_grpc.PointsServiceServicer):
                 decode_page_token("", {"u": request.user_id})  # raises INVALID_PAGE_TOKEN
         rows, next_before = await self.ledger.transactions(request.user_id, page_size, before)
         return points_service_pb2.ListTransactionsResponse(
-            transactions=[convert.transaction(row) for row in rows],
+            transactions=[t for t in map(convert.transaction, rows) if t is not None],
             next_page_token=encode_page_token({"u": request.user_id, "s": next_before}) if next_before else "",
         )
