@@ -20,7 +20,7 @@ class Collector(trace_service_pb2_grpc.TraceServiceServicer):
     def __init__(self) -> None:
         self.spans: list[tuple[str, str, str]] = []
 
-    def Export(self, request, context):  # noqa: N802 - the generated method name
+    def Export(self, request, context):
         for resource_spans in request.resource_spans:
             service = next(
                 (a.value.string_value for a in resource_spans.resource.attributes if a.key == "service.name"), ""
