@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import time
+from datetime import UTC, datetime
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -43,6 +44,13 @@ from .economy import Economy
 
 SCRIPT = (Path(__file__).parent / "lua" / "ledger.lua").read_text()
 PENDING_TRANSFERS = "pts:xfer:pending"
+# Drop a recovery-index entry only if nobody has touched it since the sweep read it: a transfer
+# attempt re-adds its entry with a newer score before it writes anything, so it is never dropped.
+_DROP_IF_STALE = """
+local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if score and tonumber(score) <= tonumber(ARGV[2]) then return redis.call('ZREM', KEYS[1], ARGV[1]) end
+return 0
+"""
 _TRANSFER_NS = uuid.UUID("6b1f9a3e-3c1d-4f57-9d0e-7a2c1b5e8f10")
 MAX_BALANCE = 10**13  # far below 2^53, so Lua's doubles stay exact
 
@@ -93,9 +101,16 @@ _ERRORS: dict[str, Callable[[str, dict[str, str]], DomainError]] = {
 }
 
 
+def _rfc3339(ms: str) -> str:
+    return datetime.fromtimestamp(int(ms) / 1000, tz=UTC).isoformat().replace("+00:00", "Z")
+
+
 def _raise(result: dict[str, Any]) -> None:
     reason = result["error"]
     meta = {k: str(v) for k, v in (result.get("meta") or {}).items()}
+    regen = meta.pop("next_regeneration_at", None)
+    if regen and regen != "0":
+        meta["next_regeneration_time"] = _rfc3339(regen)
     factory = _ERRORS.get(reason)
     if factory is None:
         raise RuntimeError(f"ledger script failed: {reason}")
@@ -114,6 +129,7 @@ class RedisLedger:
         self.settings = settings or LedgerSettings()
         self.clock = clock or SystemClock()
         self._script = client.register_script(SCRIPT)
+        self._drop_if_stale = client.register_script(_DROP_IF_STALE)
         # Test seam: awaited between the two sides of a transfer (a crash test makes it exit).
         self.after_transfer_debit: Callable[[], Awaitable[None]] | None = None
 
@@ -228,10 +244,16 @@ class RedisLedger:
         if not claimed:
             owner = await self._unavailable_guard(self.redis.get(claim))
             if owner is not None and owner.decode() != user_id:
+                earlier = await self._unavailable_guard(
+                    self.redis.get(f"{prefix(owner.decode())}:extref:{reference}")
+                )
+                metadata = {"external_reference": reference}
+                if earlier is not None:
+                    metadata["transaction_id"] = earlier.decode()
                 raise AlreadyExists(
                     "this external_reference was already credited to another user",
                     reason="DUPLICATE_EXTERNAL_REFERENCE",
-                    metadata={"external_reference": reference},
+                    metadata=metadata,
                 )
         request = {
             "op": "credit", "request_id": request_id, "fp": fp, "qoints": qoints, "ref": reference,
@@ -252,11 +274,10 @@ class RedisLedger:
             "op": "xfer_out", "request_id": request_id, "fp": fp, "xfer_id": xfer_id, "to": to_user,
             "qoints": qoints, "memo": memo,
         }  # fmt: skip
-        try:
-            started = await self._run(from_user, request, "TransferQoints", request_id)
-        except DomainError:
-            await self._unavailable_guard(self.redis.zrem(PENDING_TRANSFERS, member))
-            raise
+        # On an error the index entry stays: it may belong to an earlier, interrupted attempt of this
+        # request. It is only a hint, not ledger state; the sweep drops it once it is stale and no
+        # PENDING record goes with it.
+        started = await self._run(from_user, request, "TransferQoints", request_id)
         if "done" in started:
             await self._unavailable_guard(self.redis.zrem(PENDING_TRANSFERS, member))
             return self._replayed(started["done"])  # type: ignore[no-any-return]
@@ -266,11 +287,17 @@ class RedisLedger:
 
     async def _finish_transfer(self, record: dict[str, Any]) -> dict[str, Any]:
         from_user, xfer_id = record["from"], record["xfer_id"]
-        incoming = await self._run(
-            record["to"],
-            {"op": "xfer_in", "xfer_id": xfer_id, "from": from_user, "qoints": int(record["qoints"]),
-             "memo": record["memo"], "request_id": record["request_id"]},
-        )  # fmt: skip
+        try:
+            incoming = await self._run(
+                record["to"],
+                {"op": "xfer_in", "xfer_id": xfer_id, "from": from_user, "qoints": int(record["qoints"]),
+                 "memo": record["memo"], "request_id": record["request_id"]},
+            )  # fmt: skip
+        except FailedPrecondition as refused:
+            # The receiver cannot take them (balance limit): give them back to the sender, once.
+            await self._run(from_user, {"op": "xfer_revert", "xfer_id": xfer_id})
+            await self._unavailable_guard(self.redis.zrem(PENDING_TRANSFERS, f"{from_user}\n{xfer_id}"))
+            raise refused
         sender = record.get("account")
         if sender is None:
             sender = await self.account(from_user)
@@ -298,9 +325,12 @@ class RedisLedger:
             from_user, _, xfer_id = member.partition("\n")
             found = await self._run(from_user, {"op": "xfer_record", "xfer_id": xfer_id})
             record = found.get("record")
-            if record is None or record["state"] == "DONE":
-                await self._unavailable_guard(self.redis.zrem(PENDING_TRANSFERS, member))
+            if record is None or record["state"] in ("DONE", "REVERTED"):
+                await self._unavailable_guard(self._drop_if_stale(keys=[PENDING_TRANSFERS], args=[member, cutoff]))
                 continue
-            await self._finish_transfer(record)
+            try:
+                await self._finish_transfer(record)
+            except FailedPrecondition:
+                pass  # reverted: the sender has the qoints back
             finished += 1
         return finished

@@ -20,6 +20,8 @@ MAX_TOKENS = 10**13
 MIN_TTL_SECONDS, MAX_TTL_SECONDS = 60, 86_400
 MAX_GPU_SECONDS = 7 * 86_400
 HOLD_ID_LENGTH = 32
+MAX_MEMO = 500
+MAX_REFERENCE = 256
 
 
 def fingerprint(request: Message) -> str:
@@ -38,8 +40,8 @@ def _hold_id(check: Violations, value: str) -> None:
 def _usage_violations(check: Violations, gpu: int, seconds: int, nanos: int, prefix: str) -> None:
     if gpu not in GPU_NAMES:
         check.add(f"{prefix}gpu", "must be a known GPU type, not GPU_TYPE_UNSPECIFIED")
-    if seconds < 0 or nanos < 0 or nanos >= 1_000_000_000 or (seconds == 0 and nanos == 0):
-        check.add(f"{prefix}gpu_time", "must be a positive duration")
+    if seconds < 0 or nanos < 0 or nanos >= 1_000_000_000:
+        check.add(f"{prefix}gpu_time", "must not be negative")
     elif seconds > MAX_GPU_SECONDS:
         check.add(f"{prefix}gpu_time", f"must be at most {MAX_GPU_SECONDS} seconds")
 
@@ -75,7 +77,7 @@ class PointsServicer(points_service_pb2_grpc.PointsServiceServicer):
         check.text("run_id", request.run_id, 128)
         check.amount("estimate_points", request.estimate_points, MAX_AMOUNT, allow_zero=True)
         ttl_seconds = self.hold_ttl_seconds
-        if request.HasField("ttl"):
+        if request.HasField("ttl") and (request.ttl.seconds or request.ttl.nanos):
             ttl_seconds = request.ttl.seconds
             if request.ttl.nanos or not MIN_TTL_SECONDS <= ttl_seconds <= MAX_TTL_SECONDS:
                 check.add("ttl", f"must be whole seconds from {MIN_TTL_SECONDS} to {MAX_TTL_SECONDS}")
@@ -127,9 +129,11 @@ class PointsServicer(points_service_pb2_grpc.PointsServiceServicer):
         check.request_id(request.request_id)
         check.user_id("user_id", request.user_id)
         _hold_id(check, request.hold_id)
-        check.text("memo", request.memo, 256)
+        check.text("memo", request.memo, MAX_MEMO)
+        if request.reason == points_pb2.RELEASE_REASON_UNSPECIFIED:
+            check.add("reason", "is required (why the hold is released)")
         check.check()
-        reason = points_pb2.ReleaseReason.Name(request.reason or points_pb2.RELEASE_REASON_OTHER)
+        reason = points_pb2.ReleaseReason.Name(request.reason)
         result = await self.ledger.release(
             request.user_id,
             request.request_id,
@@ -149,10 +153,10 @@ class PointsServicer(points_service_pb2_grpc.PointsServiceServicer):
         check.request_id(request.request_id)
         check.user_id("user_id", request.user_id)
         check.amount("qoints", request.qoints, MAX_AMOUNT)
-        check.text("external_reference", request.external_reference, 128, required=True)
+        check.text("external_reference", request.external_reference, MAX_REFERENCE, required=True)
         if request.source == points_pb2.QOINTS_SOURCE_UNSPECIFIED:
             check.add("source", "is required (PURCHASE, GRANT, BONUS or REFUND)")
-        check.text("memo", request.memo, 256)
+        check.text("memo", request.memo, MAX_MEMO)
         check.check()
         result = await self.ledger.credit(
             request.user_id,
@@ -175,7 +179,7 @@ class PointsServicer(points_service_pb2_grpc.PointsServiceServicer):
         if request.from_user_id and request.from_user_id == request.to_user_id:
             check.add("to_user_id", "must differ from from_user_id")
         check.amount("qoints", request.qoints, MAX_AMOUNT)
-        check.text("memo", request.memo, 256)
+        check.text("memo", request.memo, MAX_MEMO)
         check.check()
         result = await self.ledger.transfer(
             request.from_user_id,
@@ -225,7 +229,7 @@ class PointsServicer(points_service_pb2_grpc.PointsServiceServicer):
         before = None
         if request.page_token:
             before = decode_page_token(request.page_token, {"u": request.user_id}).get("s")
-            if not isinstance(before, int):
+            if type(before) is not int or before < 1:  # noqa: E721 - a bool is not a sequence number
                 decode_page_token("", {"u": request.user_id})  # raises INVALID_PAGE_TOKEN
         rows, next_before = await self.ledger.transactions(request.user_id, page_size, before)
         return points_service_pb2.ListTransactionsResponse(

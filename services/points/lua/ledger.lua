@@ -119,8 +119,8 @@ local function expire_due(a)
     local h = get_hold(a, id)
     if h and h.state == 'OPEN' then
       h.state = 'EXPIRED'
-      h.settled = NOW
-      tx(a, 'HOLD_EXPIRED', {hp = -h.p, hq = -h.q}, {hold_id = id, run_id = h.run})
+      h.settled = h.expires
+      tx(a, 'HOLD_EXPIRED', {hp = -h.p, hq = -h.q}, {hold_id = id, run_id = h.run, request_id = ''})
       a.holds[id] = h
     end
     a.unopen[id] = true
@@ -163,6 +163,8 @@ local function commit(a)
   end
   for id in pairs(a.unopen) do redis.call('ZREM', K_OPEN, id) end
   for id, expires in pairs(a.open_add) do redis.call('ZADD', K_OPEN, fmt(expires), id) end
+  -- Written: from now on the stored open set is the truth.
+  a.unopen, a.open_add, a.dirty = {}, {}, false
 end
 
 local function account(a)
@@ -347,6 +349,12 @@ function ops.xfer_out()
   if raw then
     local rec = cjson.decode(raw)
     if rec.fp ~= R.fp then return fail('REQUEST_ID_REUSED', {request_id = R.request_id}) end
+    if rec.state == 'REVERTED' then
+      return fail('BALANCE_LIMIT', {user_id = rec.to, max_balance = P.max_balance})
+    end
+    local a = normalize()
+    commit(a)
+    rec.account = out(account(a))
     return cjson.encode({record = rec})
   end
   local a = normalize()
@@ -374,8 +382,7 @@ function ops.xfer_in()
     return cjson.encode({tx = cjson.decode(raw), account = out(account(a))})
   end
   if a.q + R.qoints > P.max_balance then
-    -- Cannot happen within the service's bounds; refuse rather than overflow.
-    return fail('BALANCE_LIMIT', {qoints = a.q, max_balance = P.max_balance})
+    return fail('BALANCE_LIMIT', {user_id = P.user, qoints = a.q, max_balance = P.max_balance})
   end
   local t = tx(a, 'QOINTS_TRANSFERRED_IN', {q = R.qoints},
     {counterparty = R.from, transfer_id = R.xfer_id, memo = R.memo})
@@ -396,6 +403,23 @@ function ops.xfer_done()
   if stored then return cjson.decode(stored).result end
   redis.call('SET', K_IDEM, cjson.encode({fp = R.fp, result = R.result}), 'EX', P.idem_ttl)
   return R.result
+end
+
+-- The receiver refused the credit (its balance limit): give the sender the qoints back, once.
+function ops.xfer_revert()
+  local rec_key = PFX .. ':xfer:' .. R.xfer_id
+  local raw = redis.call('GET', rec_key)
+  if not raw then return cjson.encode({}) end
+  local rec = cjson.decode(raw)
+  if rec.state ~= 'PENDING' then return cjson.encode({record = rec}) end
+  local a = normalize()
+  local t = tx(a, 'QOINTS_TRANSFER_REVERTED', {q = tonumber(rec.qoints)},
+    {counterparty = rec.to, transfer_id = R.xfer_id, memo = rec.memo, request_id = rec.request_id})
+  rec.state = 'REVERTED'
+  rec.revert_tx = out(t)
+  redis.call('SET', rec_key, cjson.encode(rec), 'EX', P.retention)
+  commit(a)
+  return cjson.encode({record = rec})
 end
 
 function ops.xfer_record()

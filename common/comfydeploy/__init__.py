@@ -1,0 +1,63 @@
+"""ComfyUI Deploy V2 async client, shared by the runs service and the workflow catalog."""
+
+from .client import ComfyDeployClient
+from .errors import (
+    ComfyDeployError,
+    DeadlineExceeded,
+    Forbidden,
+    InsufficientCredits,
+    MalformedResponse,
+    NotFound,
+    OutcomeUnknown,
+    RateLimited,
+    ServerError,
+    Unauthorized,
+    UpstreamUnavailable,
+    ValidationFailed,
+    to_domain_error,
+)
+from .models import (
+    TERMINAL_STATUSES,
+    Deployment,
+    InputType,
+    Machine,
+    MediaItem,
+    QueuedRun,
+    Run,
+    RunOutput,
+    UploadedFile,
+    UploadedWorkflow,
+    Workflow,
+    WorkflowVersion,
+)
+from .resilience import BreakerState
+
+__all__ = [
+    "TERMINAL_STATUSES",
+    "BreakerState",
+    "ComfyDeployClient",
+    "ComfyDeployError",
+    "DeadlineExceeded",
+    "Deployment",
+    "Forbidden",
+    "InputType",
+    "InsufficientCredits",
+    "Machine",
+    "MalformedResponse",
+    "MediaItem",
+    "NotFound",
+    "OutcomeUnknown",
+    "QueuedRun",
+    "RateLimited",
+    "Run",
+    "RunOutput",
+    "ServerError",
+    "Unauthorized",
+    "UploadedFile",
+    "UploadedWorkflow",
+    "UpstreamUnavailable",
+    "ValidationFailed",
+    "Workflow",
+    "WorkflowVersion",
+    "to_domain_error",
+]
