@@ -119,3 +119,17 @@ def python_env(**extra: str) -> dict[str, str]:
 
 
 PYTHON = sys.executable
+
+
+@pytest.fixture
+async def emulator() -> AsyncIterator[Any]:
+    """The ComfyUI Deploy emulator in-process on a free loopback port, on a fast clock (0.02 s a step).
+
+    Yields an ``emulator.testing.RunningEmulator``: ``base_url`` (…/api), ``api_key``, ``other_api_key``,
+    ``client()``, ``set_faults(...)``, ``stats()``, ``runs()``, ``webhooks()``, ``wait_run()``, ``reset()``.
+    """
+    from emulator.testing import start_for_tests
+
+    running = await start_for_tests()
+    yield running
+    await running.close()
