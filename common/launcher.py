@@ -49,17 +49,35 @@ def say(text: str) -> None:
     print(f"[make run] {text}", flush=True)
 
 
-def _gateway_key(env: dict[str, str]) -> str:
-    """GATEWAY_API_KEYS, or a key generated once and kept in .data/gateway-api-key (mode 600)."""
-    if env.get("GATEWAY_API_KEYS"):
-        return "GATEWAY_API_KEYS (from your environment)"
-    path = DATA / "gateway-api-key"
+def _local_key(name: str) -> tuple[str, Path]:
+    """A key generated once and kept in .data/<name> (mode 600): never printed, never logged."""
+    path = DATA / name
     if not path.exists():
         DATA.mkdir(parents=True, exist_ok=True)
         path.touch(mode=0o600)
         path.write_text(secrets.token_urlsafe(32) + "\n")
-    env["GATEWAY_API_KEYS"] = path.read_text().strip()
+    return path.read_text().strip(), path
+
+
+def _gateway_key(env: dict[str, str]) -> str:
+    """GATEWAY_API_KEYS, or a key generated once and kept in .data/gateway-api-key."""
+    if env.get("GATEWAY_API_KEYS"):
+        return "GATEWAY_API_KEYS (from your environment)"
+    env["GATEWAY_API_KEYS"], path = _local_key("gateway-api-key")
     return f"the key in {path}"
+
+
+def _start_emulator(env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """The ComfyUI Deploy emulator, for when no COMFYDEPLOY_API_KEY is configured."""
+    key, _ = _local_key("emulator-api-key")
+    address = env.setdefault("EMULATOR_LISTEN_ADDR", "127.0.0.1:8188")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "emulator"], env={**env, "EMULATOR_API_KEYS": key}, cwd=ROOT, start_new_session=True
+    )
+    _wait_http(f"http://{address}/_emulator/health", process, "emulator")
+    env["COMFYDEPLOY_API_URL"] = f"http://{address}/api"
+    env["COMFYDEPLOY_API_KEY"] = key
+    return process
 
 
 def _wait_serving(address: str, service: str, process: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
@@ -79,20 +97,20 @@ def _wait_serving(address: str, service: str, process: subprocess.Popen[bytes], 
     raise RuntimeError(f"{service} was not SERVING at {address} within {timeout:.0f}s")
 
 
-def _wait_http(address: str, process: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
+def _wait_http(url: str, process: subprocess.Popen[bytes], name: str, timeout: float = 60.0) -> None:
     import httpx
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"gateway exited with code {process.returncode}")
+            raise RuntimeError(f"{name} exited with code {process.returncode}")
         try:
-            if httpx.get(f"http://{address}/readyz", timeout=1.0).status_code == 200:
+            if httpx.get(url, timeout=1.0).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
         time.sleep(0.2)
-    raise RuntimeError(f"gateway was not ready at {address} within {timeout:.0f}s")
+    raise RuntimeError(f"{name} was not ready at {url} within {timeout:.0f}s")
 
 
 def main() -> int:
@@ -115,8 +133,11 @@ def main() -> int:
             redis = RedisServer(DATA / "redis", port=port).start()
             env["REDIS_URL"] = redis.url
             say(f"redis      {redis.url}  (data in {redis.data_dir})")
-        if not env.get("COMFYDEPLOY_API_KEY"):
-            say("no COMFYDEPLOY_API_KEY: ComfyUI Deploy is not called (the emulator arrives with its issue)")
+        if env.get("COMFYDEPLOY_API_KEY"):
+            say(f"comfydeploy {env.get('COMFYDEPLOY_API_URL', 'https://api.comfydeploy.com/api')} (your API key)")
+        else:
+            children.append(("emulator", _start_emulator(env)))
+            say(f"emulator   {env['COMFYDEPLOY_API_URL']}  (no COMFYDEPLOY_API_KEY: the ComfyUI Deploy emulator)")
         key_source = _gateway_key(env)
         for name, _module, variable, default, _ in SERVICES:
             env.setdefault(variable, default)
@@ -130,7 +151,7 @@ def main() -> int:
                 _wait_serving(env[variable], service, process)
                 say(f"{name:<10} grpc://{env[variable]}  ({service}, health SERVING)")
             else:
-                _wait_http(env[variable], process)
+                _wait_http(f"http://{env[variable]}/readyz", process, "gateway")
                 say(f"{name:<10} http://{env[variable]}  (API key: {key_source})")
         say("all up. grpcurl -plaintext 127.0.0.1:50051 list   |   Ctrl-C stops everything")
         while not stopping:

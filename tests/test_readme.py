@@ -8,6 +8,7 @@ import grpc
 import pytest
 
 from common.config import ServerConfig, variables
+from emulator.settings import EmulatorSettings
 from gateway.app import SERVICES
 from gateway.config import GatewayConfig
 from gateway.routes import routes_for
@@ -17,7 +18,7 @@ from services.workflows.config import WorkflowsConfig
 from tests.conftest import ROOT
 
 README = (ROOT / "README.md").read_text()
-CONFIGS = (ServerConfig, PointsConfig, WorkflowsConfig, ComfyUIConfig, GatewayConfig)
+CONFIGS = (ServerConfig, PointsConfig, WorkflowsConfig, ComfyUIConfig, GatewayConfig, EmulatorSettings)
 ADDRESS_OF = {"PointsService": "points", "WorkflowsService": "workflows", "ComfyUIService": "comfyui"}
 
 
