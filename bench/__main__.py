@@ -1,6 +1,7 @@
 """`make bench`: run every benchmark in turn."""
 
-from . import rpc_overhead
+from . import rpc_overhead, upstream
 
 if __name__ == "__main__":
     rpc_overhead.main()
+    upstream.main()

@@ -2,6 +2,7 @@
 
 from .client import ComfyDeployClient
 from .errors import (
+    CircuitOpen,
     ComfyDeployError,
     DeadlineExceeded,
     Forbidden,
@@ -35,6 +36,7 @@ from .resilience import BreakerState
 __all__ = [
     "TERMINAL_STATUSES",
     "BreakerState",
+    "CircuitOpen",
     "ComfyDeployClient",
     "ComfyDeployError",
     "DeadlineExceeded",

@@ -31,11 +31,12 @@ import random as _random
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 from urllib.parse import quote
 
 import httpx
+from opentelemetry import metrics
 
 from . import errors as e
 from .metrics import ClientMetrics
@@ -107,6 +108,7 @@ _OUTCOMES: list[tuple[type[e.ComfyDeployError], str]] = [
     (e.ValidationFailed, "invalid"),
     (e.RateLimited, "rate_limited"),
     (e.ServerError, "server_error"),
+    (e.CircuitOpen, "circuit_open"),
     (e.UpstreamUnavailable, "unavailable"),
     (e.MalformedResponse, "malformed"),
 ]
@@ -167,8 +169,8 @@ class ComfyDeployClient:
         clock: Clock = time.monotonic,
         sleep: Sleep = asyncio.sleep,
         random: Random = _random.random,
-        now: Any = None,
-        meter: Any = None,
+        now: Callable[[], datetime] | None = None,
+        meter: metrics.Meter | None = None,
     ) -> None:
         if max_attempts < 1:
             raise ValueError("max_attempts must be >= 1")
@@ -299,10 +301,10 @@ class ComfyDeployClient:
         merged: dict[str, Deployment] = {}
         for deployment in [*regular.result(), *fluid.result()]:
             merged.setdefault(deployment.id, deployment)
-        floor = datetime.min.replace(tzinfo=None)
+        floor = datetime.min.replace(tzinfo=UTC)
         return sorted(
             merged.values(),
-            key=lambda d: d.updated_at.replace(tzinfo=None) if d.updated_at else floor,
+            key=lambda d: d.updated_at or floor,
             reverse=True,
         )
 
@@ -484,7 +486,7 @@ class ComfyDeployClient:
             try:
                 permit = self.breaker.acquire()
             except BreakerOpen as exc:
-                raise e.UpstreamUnavailable(
+                raise e.CircuitOpen(
                     None,
                     f"circuit breaker open for {self.base_url}; next trial in {exc.retry_in:.1f}s",
                     True,

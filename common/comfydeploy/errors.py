@@ -122,6 +122,10 @@ class UpstreamUnavailable(ComfyDeployError):
     """No usable answer: connection refused or reset, timeouts on a safe call, or the breaker is open."""
 
 
+class CircuitOpen(UpstreamUnavailable):
+    """The client's circuit breaker for this upstream is open: the call was refused without being sent."""
+
+
 class OutcomeUnknown(ComfyDeployError):
     """A non-idempotent call (queue_run, upload_workflow) may have reached the server, but no answer
     says whether it took effect. Do not re-send blindly: reconcile first (e.g. list recent runs)."""
