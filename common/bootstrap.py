@@ -9,6 +9,7 @@ in-flight RPCs finish). ``serve`` runs one until SIGTERM or SIGINT.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 from collections.abc import Awaitable, Callable, Sequence
@@ -110,8 +111,11 @@ class GrpcServer:
     async def check_dependencies(self) -> list[str]:
         """Names and errors of the dependencies that do not answer now (empty = all healthy)."""
         probes = self.service.probes
+        # A probe gets at least a second however often health is checked: a slow moment on a busy
+        # machine is not an outage. Each coroutine is created inside its own wait_for.
+        timeout = max(1.0, self.config.health_interval_seconds)
         results = await asyncio.gather(
-            *(asyncio.wait_for(p.check(), self.config.health_interval_seconds) for p in probes),
+            *(asyncio.wait_for(p.check(), timeout) for p in probes),
             return_exceptions=True,
         )
         return [
@@ -145,6 +149,8 @@ class GrpcServer:
         await self.health.enter_graceful_shutdown()
         if self._monitor is not None:
             self._monitor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._monitor
         await self.server.stop(self.config.grace_seconds if grace is None else grace)
         for hook in self.service.on_stop:
             try:

@@ -13,6 +13,7 @@ import secrets
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from types import FrameType
@@ -43,6 +44,13 @@ PEER_VARIABLES = {
     "workflows": "WORKFLOWS_SERVICE_ADDR",
     "comfyui": "COMFYUI_SERVICE_ADDR",
 }
+
+
+STOP = threading.Event()  # set by Ctrl-C / SIGTERM
+
+
+class Interrupted(Exception):
+    """Stopped while starting up."""
 
 
 def say(text: str) -> None:
@@ -84,7 +92,7 @@ def _wait_serving(address: str, service: str, process: subprocess.Popen[bytes], 
     deadline = time.monotonic() + timeout
     with grpc.insecure_channel(address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not STOP.is_set():
             if process.poll() is not None:
                 raise RuntimeError(f"{service} exited with code {process.returncode}")
             try:
@@ -94,6 +102,8 @@ def _wait_serving(address: str, service: str, process: subprocess.Popen[bytes], 
             except grpc.RpcError:
                 pass
             time.sleep(0.2)
+    if STOP.is_set():
+        raise Interrupted
     raise RuntimeError(f"{service} was not SERVING at {address} within {timeout:.0f}s")
 
 
@@ -101,7 +111,7 @@ def _wait_http(url: str, process: subprocess.Popen[bytes], name: str, timeout: f
     import httpx
 
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and not STOP.is_set():
         if process.poll() is not None:
             raise RuntimeError(f"{name} exited with code {process.returncode}")
         try:
@@ -110,6 +120,8 @@ def _wait_http(url: str, process: subprocess.Popen[bytes], name: str, timeout: f
         except httpx.HTTPError:
             pass
         time.sleep(0.2)
+    if STOP.is_set():
+        raise Interrupted
     raise RuntimeError(f"{name} was not ready at {url} within {timeout:.0f}s")
 
 
@@ -117,11 +129,9 @@ def main() -> int:
     env = dict(os.environ)
     redis: RedisServer | None = None
     children: list[tuple[str, subprocess.Popen[bytes]]] = []
-    stopping = False
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
-        nonlocal stopping
-        stopping = True
+        STOP.set()
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
@@ -153,13 +163,16 @@ def main() -> int:
             else:
                 _wait_http(f"http://{env[variable]}/readyz", process, "gateway")
                 say(f"{name:<10} http://{env[variable]}  (API key: {key_source})")
-        say("all up. grpcurl -plaintext 127.0.0.1:50051 list   |   Ctrl-C stops everything")
-        while not stopping:
+        say(f"all up. grpcurl -plaintext {env['POINTS_LISTEN_ADDR']} list   |   Ctrl-C stops everything")
+        while not STOP.is_set():
             for name, process in children:
                 if process.poll() is not None:
                     say(f"{name} exited with code {process.returncode}; stopping the rest")
                     return 1
             time.sleep(0.5)
+        return 0
+    except Interrupted:
+        say("interrupted while starting")
         return 0
     except RuntimeError as exc:
         say(f"start-up failed: {exc}")

@@ -93,16 +93,17 @@ class Gateway:
 
     # --- dispatch ----------------------------------------------------------------------------------
 
-    def find(self, method: str, path: str) -> tuple[Route | None, dict[str, str], bool]:
-        path_known = False
+    def find(self, method: str, path: str) -> tuple[Route | None, dict[str, str], list[str]]:
+        """The route for ``method path`` and its path values; else the methods the path allows."""
+        allowed: list[str] = []
         for route in self.routes:
             params = route.match(path)
             if params is None:
                 continue
-            path_known = True
             if route.http_method == method:
-                return route, params, True
-        return None, {}, path_known
+                return route, params, [method]
+            allowed.append(route.http_method)
+        return None, {}, allowed
 
     def _timeout(self, request: Request) -> float:
         timeout = self.config.rpc_timeout_seconds
@@ -131,15 +132,15 @@ class Gateway:
         return response
 
     async def _handle(self, request: Request) -> Response:
-        route, params, path_known = self.find(request.method, request.url.path)
+        route, params, allowed = self.find(request.method, request.url.path)
         if route is None:
-            if path_known:
+            if allowed:
                 status = transcode.simple_status(
                     grpc.StatusCode.UNIMPLEMENTED, f"{request.method} is not allowed here", "METHOD_NOT_ALLOWED"
                 )
                 not_allowed = transcode.error_body(status)
                 not_allowed["error"]["code"] = 405
-                return JSONResponse(not_allowed, status_code=405)
+                return JSONResponse(not_allowed, status_code=405, headers={"Allow": ", ".join(sorted(set(allowed)))})
             return _error(transcode.simple_status(grpc.StatusCode.NOT_FOUND, "no such route", "ROUTE_NOT_FOUND"))
         if route.full_method not in PUBLIC_METHODS and not self.authenticated(request):
             return _error(
@@ -147,8 +148,8 @@ class Gateway:
                     grpc.StatusCode.UNAUTHENTICATED, "missing or invalid API key", "API_KEY_INVALID"
                 )
             )
-        body = await request.body()
-        if len(body) > self.config.max_body_bytes:
+        body = await self._read_body(request)
+        if body is None:
             status = transcode.simple_status(
                 grpc.StatusCode.INVALID_ARGUMENT, "request body too large", "BODY_TOO_LARGE"
             )
@@ -184,6 +185,21 @@ class Gateway:
         except grpc.aio.AioRpcError as exc:
             return _error(_status_of(exc))
         return JSONResponse(transcode.to_json(reply))
+
+    async def _read_body(self, request: Request) -> bytes | None:
+        """The body, or None once it is larger than the limit (checked before and while reading)."""
+        limit = self.config.max_body_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            return None
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                return None
+            chunks.append(chunk)
+        return b"".join(chunks)
 
     async def _sse(self, call: Any) -> AsyncIterator[bytes]:
         try:

@@ -49,7 +49,7 @@ def _segment_regex(segment_pattern: str) -> str:
         if piece == "**":
             parts.append(r".+")
         elif piece == "*":
-            parts.append(r"[^/]+")
+            parts.append(r"[^/:]+")  # a ':' starts the custom verb (AIP-136), never part of a value
         else:
             parts.append(re.escape(piece))
     return "/".join(parts)

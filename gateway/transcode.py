@@ -160,6 +160,9 @@ def build_request(
     for name, value in path_params.items():
         field = _field(message_descriptor, name)
         _set_path(data, name, _query_value(field, name, value) if field else value)
+    if route.body == "*" and query:
+        # Every field comes from the body: a query parameter would be silently ignored.
+        raise BadRequest([FieldViolation(name, "must be sent in the JSON body, not the query") for name, _ in query])
     if route.body != "*":
         grouped: dict[str, list[str]] = {}
         for name, value in query:
