@@ -54,7 +54,10 @@ def load(cls: type[T], environ: Mapping[str, str]) -> T:
         if raw.strip() == "":
             if field.default is dataclasses.MISSING:
                 raise ConfigError(f"{name} is required but not set")
-            values[field.name] = field.default
+            default = field.default
+            if isinstance(default, str) and default and meta["parse"] is not str:
+                default = meta["parse"](default)  # a default written the way the variable would be
+            values[field.name] = default
             continue
         try:
             values[field.name] = meta["parse"](raw.strip())

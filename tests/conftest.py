@@ -88,8 +88,8 @@ async def start_service() -> AsyncIterator[StartService]:
 
 
 @pytest.fixture
-async def stack(redis_url: str, start_service: StartService) -> dict[str, Running]:
-    """points, workflows and comfyui, wired to each other and to the test Redis, all SERVING."""
+async def stack(redis_url: str, start_service: StartService, emulator: Any) -> dict[str, Running]:
+    """points, workflows and comfyui, wired to each other, the test Redis and the emulator, all SERVING."""
     from services.comfyui.config import ComfyUIConfig
     from services.comfyui.server import build as build_comfyui
     from services.points.config import PointsConfig
@@ -97,7 +97,7 @@ async def stack(redis_url: str, start_service: StartService) -> dict[str, Runnin
     from services.workflows.config import WorkflowsConfig
     from services.workflows.server import build as build_workflows
 
-    env = {"REDIS_URL": redis_url}
+    env = {"REDIS_URL": redis_url, "COMFYDEPLOY_API_URL": emulator.base_url, "COMFYDEPLOY_API_KEY": emulator.api_key}
     points = await start_service(build_points, PointsConfig, env)
     workflows = await start_service(build_workflows, WorkflowsConfig, env)
     comfyui = await start_service(

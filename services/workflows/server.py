@@ -1,11 +1,17 @@
-"""Assembles the workflows service for the shared bootstrap."""
+"""Assembles the workflow catalog service for the shared bootstrap."""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+
 from common import redis_client
 from common.bootstrap import Service, redis_probe
+from common.comfydeploy.client import ComfyDeployClient
 from stationthis.workflows.v1 import workflows_service_pb2, workflows_service_pb2_grpc
 
+from .cache import CacheSettings, CatalogCache
+from .catalog import Routing
 from .config import WorkflowsConfig
 from .servicer import WorkflowsServicer
 
@@ -13,14 +19,40 @@ SERVICE_NAME = workflows_service_pb2.DESCRIPTOR.services_by_name["WorkflowsServi
 DOMAIN = "workflows.stationthis.dev"
 
 
-async def build(config: WorkflowsConfig) -> Service:
+async def build(
+    config: WorkflowsConfig,
+    clock: Callable[[], float] = time.time,
+    upstream: ComfyDeployClient | None = None,
+) -> Service:
     redis = redis_client.connect(config.redis_url)
-    servicer = WorkflowsServicer()
-    return Service(
+    client = upstream or ComfyDeployClient(config.comfydeploy_api_url, config.comfydeploy_api_key)
+    cache = CatalogCache(
+        redis,
+        client,
+        config.aliases,
+        Routing(rules=config.machine_routing, default_machine=config.default_machine),
+        CacheSettings(
+            ttl_seconds=config.cache_ttl_seconds,
+            max_stale_seconds=config.max_stale_seconds,
+            local_seconds=config.local_cache_seconds,
+        ),
+        clock=clock,
+    )
+    servicer = WorkflowsServicer(cache, redis)
+
+    async def close() -> None:
+        await cache.stop()
+        if upstream is None:
+            await client.aclose()
+        await redis.aclose()
+
+    service = Service(
         name="workflows",
         domain=DOMAIN,
         service_names=[SERVICE_NAME],
         register=lambda server: workflows_service_pb2_grpc.add_WorkflowsServiceServicer_to_server(servicer, server),
         probes=[redis_probe(redis)],
-        on_stop=[redis.aclose],
+        on_stop=[close],
     )
+    service.cache = cache  # type: ignore[attr-defined]  # for tests and benchmarks
+    return service

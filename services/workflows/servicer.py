@@ -1,14 +1,165 @@
-"""gRPC handlers of WorkflowsService.
-
-Not implemented yet: every RPC answers UNIMPLEMENTED (the generated base class raises
-NotImplementedError, which the error interceptor reports as UNIMPLEMENTED). The logic lands with
-issue 6 (workflow catalog); the README lists the state of each RPC.
-"""
+"""gRPC handlers of WorkflowsService: validate at the edge, answer from the cached catalog."""
 
 from __future__ import annotations
 
-from stationthis.workflows.v1 import workflows_service_pb2_grpc
+from typing import Any
+
+import grpc
+from google.protobuf import duration_pb2, json_format, struct_pb2, timestamp_pb2
+from redis.asyncio import Redis
+
+from common.errors import DomainError
+from common.validation import Violations, decode_page_token, encode_page_token
+from stationthis.workflows.v1 import workflow_pb2, workflows_service_pb2, workflows_service_pb2_grpc
+
+from .cache import CatalogCache
+from .catalog import CatalogIndex, deployment_message, validate_inputs
+
+MAX_NAME = 256
+IDEMPOTENCY_TTL_SECONDS = 86_400
+
+
+def _environment(check: Violations, value: int) -> None:
+    if value not in workflow_pb2.Environment.values():
+        check.add("environment", "is not a known environment")
+
+
+def _duration(seconds: float) -> duration_pb2.Duration:
+    message = duration_pb2.Duration()
+    message.FromMilliseconds(int(seconds * 1000))
+    return message
 
 
 class WorkflowsServicer(workflows_service_pb2_grpc.WorkflowsServiceServicer):
-    pass
+    def __init__(self, cache: CatalogCache, redis: Redis) -> None:
+        self.cache = cache
+        self.redis = redis
+
+    async def ListWorkflows(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        check = Violations()
+        page_size = check.page_size(request.page_size)
+        _environment(check, request.environment)
+        check.check()
+        index = await self.cache.index()
+        offset = 0
+        if request.page_token:
+            token = decode_page_token(request.page_token, {"e": request.environment, "b": index.built_ms})
+            given = token.get("o")
+            offset = given if isinstance(given, int) and not isinstance(given, bool) else -1
+            if offset < 0:
+                decode_page_token("", {})  # raises INVALID_PAGE_TOKEN
+        chosen = []
+        for workflow in index.all():
+            deployment = index.listed_deployment(workflow, request.environment)
+            if request.environment and deployment is None:
+                continue
+            chosen.append((workflow, deployment))
+        page = chosen[offset : offset + page_size]
+        more = offset + page_size < len(chosen)
+        return workflows_service_pb2.ListWorkflowsResponse(
+            workflows=[index.render(w, d) for w, d in page],
+            next_page_token=encode_page_token({"e": request.environment, "b": index.built_ms, "o": offset + page_size})
+            if more
+            else "",
+        )
+
+    async def GetWorkflow(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        check = Violations()
+        check.text("workflow_id", request.workflow_id, MAX_NAME, required=True)
+        _environment(check, request.environment)
+        check.check()
+        index = await self.cache.index()
+        workflow = index.get(request.workflow_id)
+        deployment = index.deployment_for(workflow, request.environment)
+        return workflows_service_pb2.GetWorkflowResponse(workflow=index.render(workflow, deployment))
+
+    async def ResolveWorkflow(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        check = Violations()
+        check.text("name", request.name.strip(), MAX_NAME, required=True)
+        _environment(check, request.environment)
+        check.check()
+        index = await self.cache.index()
+        workflow, matched_by, standardized = index.resolve(request.name)
+        deployment = index.deployment_for(workflow, request.environment)
+        return workflows_service_pb2.ResolveWorkflowResponse(
+            workflow=index.render(workflow, deployment),
+            standardized_name=standardized,
+            matched_by=workflows_service_pb2.MatchedBy.Name(matched_by),
+            deployment=deployment_message(deployment),
+        )
+
+    async def ValidateInputs(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        check = Violations()
+        check.text("workflow_id", request.workflow_id, MAX_NAME, required=True)
+        _environment(check, request.environment)
+        check.check()
+        index = await self.cache.index()
+        workflow = index.get(request.workflow_id)
+        deployment = index.deployment_for(workflow, request.environment)
+        given = json_format.MessageToDict(request.inputs)
+        complete, defaulted = validate_inputs(
+            deployment["inputs"],
+            given,
+            {"workflow_id": workflow["workflow_id"], "workflow_version_id": deployment["workflow_version_id"]},
+        )
+        inputs = struct_pb2.Struct()
+        json_format.ParseDict(complete, inputs)
+        return workflows_service_pb2.ValidateInputsResponse(
+            inputs=inputs, defaulted_input_ids=defaulted, workflow_version_id=deployment["workflow_version_id"]
+        )
+
+    async def RefreshCatalog(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        check = Violations()
+        if request.request_id:
+            check.request_id(request.request_id)
+        check.check()
+        key = f"wf:idem:RefreshCatalog:{request.request_id}"
+        if request.request_id:
+            stored = await self.redis.get(key)
+            if stored is not None:
+                return workflows_service_pb2.RefreshCatalogResponse.FromString(stored)  # type: ignore[arg-type]
+        index = await self.cache.refresh()
+        response = workflows_service_pb2.RefreshCatalogResponse(stats=await self._stats(index))
+        if request.request_id:
+            await self.redis.set(key, response.SerializeToString(), ex=IDEMPOTENCY_TTL_SECONDS, nx=True)
+        return response
+
+    async def GetCatalogStats(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            index: CatalogIndex | None = await self.cache.index()
+        except DomainError:  # nothing loaded and upstream down: the stats say so; they must answer
+            index = None
+        return workflows_service_pb2.GetCatalogStatsResponse(stats=await self._stats(index))
+
+    async def _stats(self, index: CatalogIndex | None) -> workflow_pb2.CatalogStats:
+        shared = await self.cache.shared_stats()
+        counters = self.cache.counters
+        settings = self.cache.settings
+        stats = workflow_pb2.CatalogStats(
+            workflow_count=len(index) if index else 0,
+            hits=counters.hits,
+            misses=counters.misses,
+            refreshes=int(shared.get("refreshes", 0)),
+            refresh_failures=int(shared.get("refresh_failures", 0)),
+            upstream_errors=counters.upstream_errors,
+            upstream_healthy=counters.upstream_healthy and not shared.get("last_error"),
+            last_error=shared.get("last_error", ""),
+            ttl=_duration(settings.ttl_seconds),
+            name_collisions=index.collisions if index else [],
+        )
+        if shared.get("last_refresh_ms"):
+            stats.last_refresh_time.CopyFrom(_timestamp(int(shared["last_refresh_ms"])))
+            stats.last_refresh_duration.CopyFrom(_duration(int(shared.get("last_duration_ms", 0)) / 1000))
+        if index is not None:
+            age = max(0.0, self.cache.clock() - index.built_ms / 1000)
+            stats.catalog_age.CopyFrom(_duration(age))
+            stats.stale = age > settings.ttl_seconds
+        else:
+            stats.stale = True
+        return stats
+
+
+def _timestamp(ms: int) -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromMilliseconds(ms)
+    return stamp
