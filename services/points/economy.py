@@ -88,7 +88,7 @@ def level(exp: int) -> int:
     """floor(cbrt(exp)), exactly: the largest L with L**3 <= exp."""
     if exp <= 0:
         return 0
-    guess = int(round(exp ** (1 / 3)))
+    guess = int(exp ** (1 / 3) + 0.5)
     while guess**3 > exp:
         guess -= 1
     while (guess + 1) ** 3 <= exp:

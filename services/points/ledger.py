@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import json
 import time
-from datetime import UTC, datetime
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -244,9 +244,7 @@ class RedisLedger:
         if not claimed:
             owner = await self._unavailable_guard(self.redis.get(claim))
             if owner is not None and owner.decode() != user_id:
-                earlier = await self._unavailable_guard(
-                    self.redis.get(f"{prefix(owner.decode())}:extref:{reference}")
-                )
+                earlier = await self._unavailable_guard(self.redis.get(f"{prefix(owner.decode())}:extref:{reference}"))
                 metadata = {"external_reference": reference}
                 if earlier is not None:
                     metadata["transaction_id"] = earlier.decode()

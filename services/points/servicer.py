@@ -229,7 +229,7 @@ class PointsServicer(points_service_pb2_grpc.PointsServiceServicer):
         before = None
         if request.page_token:
             before = decode_page_token(request.page_token, {"u": request.user_id}).get("s")
-            if type(before) is not int or before < 1:  # noqa: E721 - a bool is not a sequence number
+            if type(before) is not int or before < 1:
                 decode_page_token("", {"u": request.user_id})  # raises INVALID_PAGE_TOKEN
         rows, next_before = await self.ledger.transactions(request.user_id, page_size, before)
         return points_service_pb2.ListTransactionsResponse(
