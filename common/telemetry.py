@@ -14,15 +14,26 @@ from typing import Any
 
 from opentelemetry import propagate, trace
 from opentelemetry.baggage.propagation import W3CBaggagePropagator
-from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor, filters
+from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor
 from opentelemetry.propagators.composite import CompositePropagator
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-# Health checks and reflection stay out of traces.
-_traced = filters.negate(filters.any_of(filters.health_check(), filters.service_prefix("grpc.reflection.")))
+_UNTRACED_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+
+def _traced(details: Any) -> bool:
+    """Health checks and reflection stay out of traces.
+
+    A plain prefix test: the library's composable filters split the method with os.path on every
+    call, a measurable share of a cheap RPC's cost.
+    """
+    method = getattr(details, "method", "")
+    if isinstance(method, bytes):
+        method = method.decode()
+    return not str(method).startswith(_UNTRACED_PREFIXES)
 
 _provider: TracerProvider | None = None
 
