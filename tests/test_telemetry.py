@@ -35,9 +35,7 @@ def _run_points(redis_url: str, extra: dict[str, str]) -> tuple[subprocess.Popen
     env = python_env(REDIS_URL=redis_url, POINTS_LISTEN_ADDR="127.0.0.1:0", **extra)
     for name in [n for n in env if n.startswith("OTEL_EXPORTER_") and n not in extra]:
         del env[name]
-    process = subprocess.Popen(
-        [PYTHON, "-m", "services.points"], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True
-    )
+    process = subprocess.Popen([PYTHON, "-m", "services.points"], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
     assert process.stderr is not None
     for line in process.stderr:
         entry = json.loads(line)
