@@ -35,6 +35,7 @@ def _traced(details: Any) -> bool:
         method = method.decode()
     return not str(method).startswith(_UNTRACED_PREFIXES)
 
+
 _provider: TracerProvider | None = None
 
 

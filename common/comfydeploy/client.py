@@ -292,12 +292,20 @@ class ComfyDeployClient:
     async def list_all_deployments(
         self, environment: str | None = None, *, deadline: float | None = None
     ) -> list[Deployment]:
-        """Regular and fluid deployments together (two calls, made concurrently), newest first."""
-        async with asyncio.TaskGroup() as group:
-            regular = group.create_task(
-                self.list_deployments(environment=environment, is_fluid=False, deadline=deadline)
-            )
-            fluid = group.create_task(self.list_deployments(environment=environment, is_fluid=True, deadline=deadline))
+        """Regular and fluid deployments together (two calls, made concurrently), newest first.
+
+        A failure raises that call's own error (the first one), never an ExceptionGroup.
+        """
+        try:
+            async with asyncio.TaskGroup() as group:
+                regular = group.create_task(
+                    self.list_deployments(environment=environment, is_fluid=False, deadline=deadline)
+                )
+                fluid = group.create_task(
+                    self.list_deployments(environment=environment, is_fluid=True, deadline=deadline)
+                )
+        except BaseExceptionGroup as failed:
+            raise failed.exceptions[0] from None
         merged: dict[str, Deployment] = {}
         for deployment in [*regular.result(), *fluid.result()]:
             merged.setdefault(deployment.id, deployment)

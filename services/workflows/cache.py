@@ -60,7 +60,6 @@ class CacheSettings:
 class Counters:
     hits: int = 0
     misses: int = 0
-    upstream_errors: int = 0
     upstream_healthy: bool = True
 
 
@@ -113,21 +112,23 @@ class CatalogCache:
         self._index = CatalogIndex(json.loads(raw), self.aliases, self.routing)
         return self._index
 
-    async def index(self) -> CatalogIndex:
-        """The catalog to answer a lookup from (see the module docstring)."""
+    async def index(self, count: bool = True) -> CatalogIndex:
+        """The catalog to answer a lookup from (see the module docstring); ``count``: a lookup."""
         try:
             index = self._index
             if time.monotonic() - self._checked_at >= self.settings.local_seconds or index is None:
                 index = await self._load_shared()
                 self._checked_at = time.monotonic()
             if index is not None and self._age(index) <= self.settings.max_stale_seconds:
-                self.counters.hits += 1
-                _lookups.add(1, {"result": "hit"})
+                if count:
+                    self.counters.hits += 1
+                    _lookups.add(1, {"result": "hit"})
                 if self._age(index) > self.settings.ttl_seconds:
                     self._start_refresh()  # stale-while-revalidate
                 return index
-            self.counters.misses += 1
-            _lookups.add(1, {"result": "miss"})
+            if count:
+                self.counters.misses += 1
+                _lookups.add(1, {"result": "miss"})
             return await asyncio.shield(self._start_refresh())
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
             raise Unavailable("the catalog store did not answer", reason="STORE_UNAVAILABLE") from exc
@@ -140,6 +141,10 @@ class CatalogCache:
             self._refreshing = asyncio.create_task(self._refresh(force), name="catalog-refresh")
             self._refreshing.add_done_callback(_consume)
         return self._refreshing
+
+    def warm(self) -> None:
+        """Start loading the catalog now (in the background), unless a fresh one is shared already."""
+        self._start_refresh()
 
     async def refresh(self) -> CatalogIndex:
         """RefreshCatalog: reload from ComfyUI Deploy now (joining a refresh already running)."""
@@ -187,12 +192,17 @@ class CatalogCache:
         except (ComfyDeployError, MalformedListing) as exc:
             if isinstance(exc, ComfyDeployError):  # a malformed listing: upstream answered, badly
                 self.counters.upstream_healthy = False
-                self.counters.upstream_errors += 1
             message = f"{type(exc).__name__}: {exc}"
             await self.redis.hset(STATS_KEY, mapping={"last_error": message[:500]})
             await self.redis.hincrby(STATS_KEY, "refresh_failures", 1)
             _refreshes.add(1, {"outcome": "failure"})
             log.warning("catalog refresh failed; keeping the previous catalog", extra={"error": message})
+            if force:
+                raise Unavailable(
+                    "the catalog could not be refreshed from ComfyUI Deploy; the previous one is kept",
+                    reason="CATALOG_REFRESH_FAILED",
+                    metadata={"last_error": message[:200]},
+                ) from exc
             if current is not None and self._age(current) <= self.settings.max_stale_seconds:
                 return current
             raise Unavailable(
@@ -224,6 +234,11 @@ class CatalogCache:
             log.warning("workflow names collide", extra={"collisions": self._index.collisions})
         log.info("catalog refreshed", extra={"workflows": len(self._index), "duration_ms": int(duration * 1000)})
         return self._index
+
+    def upstream_errors(self) -> int:
+        """Failed upstream HTTP attempts: calls that failed plus the attempts retried after a failure."""
+        endpoints = self.upstream.snapshot().get("endpoints", {})
+        return sum(int(e.get("errors", 0)) + int(e.get("retries", 0)) for e in endpoints.values())
 
     async def shared_stats(self) -> dict[str, str]:
         raw = await self.redis.hgetall(STATS_KEY)

@@ -195,13 +195,24 @@ def extract_outputs(workflow_api: Mapping[str, Any]) -> list[dict[str, Any]]:
             continue
         output_id = node_inputs.get("output_id")
         outputs.append(
-            {"output_id": output_id if isinstance(output_id, str) and output_id else node_id,
+            {"output_id": output_id if isinstance(output_id, str) and output_id else f"node_{node_id}",
              "class_type": class_type, "type": kind}
         )  # fmt: skip
     return outputs
 
 
 # --- building -------------------------------------------------------------------------------------
+
+
+def _first_note(graph: Any) -> str:
+    """The text of the UI graph's first Note node (the legacy description source), else ""."""
+    nodes = graph.get("nodes") if isinstance(graph, Mapping) else None
+    for node in nodes if isinstance(nodes, list) else []:
+        if isinstance(node, Mapping) and node.get("type") in ("Note", "MarkdownNote"):
+            values = node.get("widgets_values")
+            if isinstance(values, list) and values and isinstance(values[0], str):
+                return values[0].strip()
+    return ""
 
 
 class MalformedListing(ValueError):
@@ -216,6 +227,7 @@ def build(deployments: Sequence[Deployment], machines: Sequence[Machine], built_
     """A JSON-ready catalog; raises MalformedListing when the listing cannot describe workflows."""
     grouped: dict[str, list[dict[str, Any]]] = {}
     names: dict[str, str] = {}
+    machine_gpu = {m.id: GPUS.get(m.gpu or "", 0) for m in machines}
     for deployment in deployments:
         if not deployment.id or not deployment.workflow_id:
             raise MalformedListing(f"deployment {deployment.id or '?'} has no workflow id")
@@ -226,13 +238,13 @@ def build(deployments: Sequence[Deployment], machines: Sequence[Machine], built_
                 "deployment_id": deployment.id,
                 "environment": ENVIRONMENTS.get(deployment.environment or "", T.ENVIRONMENT_UNSPECIFIED),
                 "machine_id": deployment.machine_id or "",
-                "gpu": GPUS.get(deployment.gpu or "", 0),
+                "gpu": GPUS.get(deployment.gpu or "", 0) or machine_gpu.get(deployment.machine_id or "", 0),
                 "workflow_version_id": deployment.workflow_version_id or (version.id if version else ""),
                 "version": (version.version or 0) if version else 0,
                 "version_created_ms": _ms(version.created_at) if version else 0,
                 "is_fluid": bool(deployment.modal_image_id),
                 "updated_ms": _ms(deployment.updated_at),
-                "description": deployment.description or "",
+                "description": deployment.description or _first_note(version.workflow if version else None),
                 "inputs": extract_inputs(api),
                 "outputs": extract_outputs(api),
             }
@@ -299,6 +311,9 @@ class CatalogIndex:
         self.routing = routing
         self.machines: dict[str, dict[str, Any]] = {m["name"]: m for m in catalog["machines"]}
         self.machines_by_id = {m["machine_id"]: m for m in catalog["machines"]}
+        # The catalog never changes once built: each rendered view is built once. Callers copy it
+        # into their responses (protobuf constructors copy), never mutate it.
+        self._rendered: dict[tuple[str, str], workflow_pb2.Workflow] = {}
 
     def __len__(self) -> int:
         return len(self.by_id)
@@ -338,23 +353,28 @@ class CatalogIndex:
 
     # -- rendering
 
-    @staticmethod
-    def deployment_for(workflow: Mapping[str, Any], environment: int) -> dict[str, Any]:
-        """The most recently updated deployment in ``environment`` (UNSPECIFIED: production)."""
+    def deployment_for(self, workflow: Mapping[str, Any], environment: int) -> dict[str, Any]:
+        """The deployment to run: in ``environment`` (none given: production, else the most recent),
+        preferring one on the machine routing picks, else the most recently updated."""
+        deployments = workflow["deployments"]  # most recently updated first
         wanted = environment or T.ENVIRONMENT_PRODUCTION
-        for deployment in workflow["deployments"]:  # most recently updated first
-            if deployment["environment"] == wanted:
-                return dict(deployment)
-        have = sorted({T.Environment.Name(d["environment"]) for d in workflow["deployments"]})
-        raise FailedPrecondition(
-            f"workflow {workflow['name']} has no {T.Environment.Name(wanted)} deployment",
-            reason="NO_DEPLOYMENT_FOR_ENVIRONMENT",
-            metadata={
-                "workflow_id": workflow["workflow_id"],
-                "environment": T.Environment.Name(wanted),
-                "environments": ",".join(have),
-            },
-        )
+        candidates = [d for d in deployments if d["environment"] == wanted]
+        if not candidates and not environment and deployments:
+            candidates = [d for d in deployments if d["environment"] == deployments[0]["environment"]]
+        if not candidates:
+            have = sorted({T.Environment.Name(d["environment"]) for d in deployments})
+            raise FailedPrecondition(
+                f"workflow {workflow['name']} has no {T.Environment.Name(wanted)} deployment",
+                reason="NO_DEPLOYMENT_FOR_ENVIRONMENT",
+                metadata={
+                    "workflow_id": workflow["workflow_id"],
+                    "environment": T.Environment.Name(wanted),
+                    "environments": ",".join(have),
+                },
+            )
+        machine = self.route(workflow["name"])
+        on_machine = [d for d in candidates if machine is not None and d["machine_id"] == machine["machine_id"]]
+        return dict((on_machine or candidates)[0])
 
     @staticmethod
     def listed_deployment(workflow: Mapping[str, Any], environment: int) -> dict[str, Any] | None:
@@ -378,6 +398,13 @@ class CatalogIndex:
         return ready[0] if ready else None
 
     def render(self, workflow: Mapping[str, Any], deployment: Mapping[str, Any] | None) -> workflow_pb2.Workflow:
+        key = (workflow["workflow_id"], deployment["deployment_id"] if deployment else "")
+        rendered = self._rendered.get(key)
+        if rendered is None:
+            rendered = self._rendered[key] = self._render(workflow, deployment)
+        return rendered
+
+    def _render(self, workflow: Mapping[str, Any], deployment: Mapping[str, Any] | None) -> workflow_pb2.Workflow:
         from google.protobuf import json_format, struct_pb2, timestamp_pb2
 
         message = workflow_pb2.Workflow(
@@ -450,6 +477,9 @@ deployment_message = _deployment_message
 # --- input validation -----------------------------------------------------------------------------
 
 
+_COLOR = re.compile(r"#[0-9A-Fa-f]{6}")
+
+
 def _is_url(value: Any) -> bool:
     """An absolute http(s) URL with a host (files are uploaded first: UploadFile returns one)."""
     if not isinstance(value, str):
@@ -477,8 +507,12 @@ def _check(spec: Mapping[str, Any], value: Any) -> str | None:
     def in_bounds(number: float) -> bool:
         return (low is None or number >= low) and (high is None or number <= high)
 
-    if kind in (T.INPUT_TYPE_TEXT, T.INPUT_TYPE_CHECKPOINT, T.INPUT_TYPE_COLOR):
+    if kind == T.INPUT_TYPE_TEXT:
         return None if isinstance(value, str) else "must be a string"
+    if kind == T.INPUT_TYPE_CHECKPOINT:
+        return None if isinstance(value, str) and value else "must be a non-empty string (a checkpoint name or URL)"
+    if kind == T.INPUT_TYPE_COLOR:
+        return None if isinstance(value, str) and _COLOR.fullmatch(value) else "must be a colour as #RRGGBB"
     if kind == T.INPUT_TYPE_NUMBER:
         number = _number(value)
         return None if number is not None and in_bounds(number) else f"must be a number{bounds}"

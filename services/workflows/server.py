@@ -39,6 +39,7 @@ async def build(
         clock=clock,
     )
     servicer = WorkflowsServicer(cache, redis)
+    cache.warm()  # load at start-up; a failure here is retried by the first lookup
 
     async def close() -> None:
         await cache.stop()

@@ -15,7 +15,8 @@ from stationthis.workflows.v1 import workflow_pb2, workflows_service_pb2, workfl
 from .cache import CatalogCache
 from .catalog import CatalogIndex, deployment_message, validate_inputs
 
-MAX_NAME = 256
+MAX_ID = 256
+MAX_NAME = 200
 IDEMPOTENCY_TTL_SECONDS = 86_400
 
 
@@ -65,7 +66,7 @@ class WorkflowsServicer(workflows_service_pb2_grpc.WorkflowsServiceServicer):
 
     async def GetWorkflow(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         check = Violations()
-        check.text("workflow_id", request.workflow_id, MAX_NAME, required=True)
+        check.text("workflow_id", request.workflow_id, MAX_ID, required=True)
         _environment(check, request.environment)
         check.check()
         index = await self.cache.index()
@@ -90,7 +91,7 @@ class WorkflowsServicer(workflows_service_pb2_grpc.WorkflowsServiceServicer):
 
     async def ValidateInputs(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         check = Violations()
-        check.text("workflow_id", request.workflow_id, MAX_NAME, required=True)
+        check.text("workflow_id", request.workflow_id, MAX_ID, required=True)
         _environment(check, request.environment)
         check.check()
         index = await self.cache.index()
@@ -126,7 +127,7 @@ class WorkflowsServicer(workflows_service_pb2_grpc.WorkflowsServiceServicer):
 
     async def GetCatalogStats(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
-            index: CatalogIndex | None = await self.cache.index()
+            index: CatalogIndex | None = await self.cache.index(count=False)
         except DomainError:  # nothing loaded and upstream down: the stats say so; they must answer
             index = None
         return workflows_service_pb2.GetCatalogStatsResponse(stats=await self._stats(index))
@@ -141,7 +142,7 @@ class WorkflowsServicer(workflows_service_pb2_grpc.WorkflowsServiceServicer):
             misses=counters.misses,
             refreshes=int(shared.get("refreshes", 0)),
             refresh_failures=int(shared.get("refresh_failures", 0)),
-            upstream_errors=counters.upstream_errors,
+            upstream_errors=self.cache.upstream_errors(),
             upstream_healthy=counters.upstream_healthy and not shared.get("last_error"),
             last_error=shared.get("last_error", ""),
             ttl=_duration(settings.ttl_seconds),
