@@ -314,6 +314,7 @@ class CatalogIndex:
         # The catalog never changes once built: each rendered view is built once. Callers copy it
         # into their responses (protobuf constructors copy), never mutate it.
         self._rendered: dict[tuple[str, str], workflow_pb2.Workflow] = {}
+        self._routes: dict[str, dict[str, Any] | None] = {}
 
     def __len__(self) -> int:
         return len(self.by_id)
@@ -390,6 +391,11 @@ class CatalogIndex:
 
     def route(self, workflow_name: str) -> dict[str, Any] | None:
         """The rule's machine if ready, else the default machine if ready, else any ready machine."""
+        if workflow_name not in self._routes:
+            self._routes[workflow_name] = self._route(workflow_name)
+        return self._routes[workflow_name]
+
+    def _route(self, workflow_name: str) -> dict[str, Any] | None:
         ready: list[dict[str, Any]] = [m for m in self.catalog["machines"] if m["status"] == "ready"]
         for name in (self.routing.rules.get(workflow_name), self.routing.default_machine):
             machine = self.machines.get(name or "")
