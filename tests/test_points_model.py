@@ -594,6 +594,9 @@ class Harness:
 
 
 @pytest.mark.filterwarnings("ignore::hypothesis.errors.NonInteractiveExampleWarning")
+# The service thread creates OpenTelemetry spans (when another test installed a tracer provider) and
+# span ids come from the `random` module; hypothesis notices that global random use and warns.
+@pytest.mark.filterwarnings("ignore:Do not use the `random` module inside strategies")
 def test_service_agrees_with_the_model(
     points_service: tuple[points_service_pb2_grpc.PointsServiceStub, FakeClock, str],
 ) -> None:
