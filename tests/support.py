@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
+from typing import Any
 
 import grpc
 
@@ -68,3 +69,35 @@ def make_test_service(probes: Sequence[Probe] = ()) -> Service:
         ),
         probes=list(probes),
     )
+
+
+def rpc_details(error: grpc.aio.AioRpcError) -> tuple[Any, Any]:
+    """(ErrorInfo, BadRequest or None) from a failed call's google.rpc.Status; fails without ErrorInfo."""
+    from google.rpc import error_details_pb2
+    from grpc_status import rpc_status
+
+    status = rpc_status.from_call(error)
+    assert status is not None, f"no google.rpc.Status in the trailers: {error.code()} {error.details()}"
+    info, bad = None, None
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+    assert info is not None, "no ErrorInfo"
+    return info, bad
+
+
+async def expect_failure(call: Awaitable[Any], code: grpc.StatusCode, reason: str, domain: str) -> tuple[Any, Any]:
+    """Await ``call``, expecting ``code`` with ErrorInfo ``reason`` in ``domain``; return the details."""
+    import pytest
+
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call
+    error = caught.value
+    assert error.code() == code, f"{error.code()} {error.details()}"
+    info, bad = rpc_details(error)
+    assert (info.reason, info.domain) == (reason, domain), f"{info} {error.details()}"
+    return info, bad

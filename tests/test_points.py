@@ -22,7 +22,6 @@ import pytest
 import redis.asyncio as aioredis
 from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from common import redis_client
 from services.points.config import PointsConfig
@@ -31,6 +30,7 @@ from services.points.server import build
 from stationthis.points.v1 import points_pb2, points_service_pb2, points_service_pb2_grpc
 from stationthis.type.v1 import gpu_pb2
 from tests.conftest import PYTHON, ROOT, python_env, wait_serving
+from tests.support import expect_failure, rpc_details
 
 PERIOD_MS = 900_000
 T0 = 1_700_000_100_000  # 2023-11-14T22:15:00Z, a 15-minute boundary of the Unix epoch
@@ -62,32 +62,14 @@ def seconds(s: int, nanos: int = 0) -> duration_pb2.Duration:
     return duration_pb2.Duration(seconds=s, nanos=nanos)
 
 
-def details(error: grpc.aio.AioRpcError) -> tuple[error_details_pb2.ErrorInfo, error_details_pb2.BadRequest | None]:
-    status = rpc_status.from_call(error)
-    assert status is not None, f"no google.rpc.Status in the trailers: {error}"
-    info, bad = None, None
-    for detail in status.details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad = error_details_pb2.BadRequest()
-            detail.Unpack(bad)
-    assert info is not None, "no ErrorInfo"
-    return info, bad
+details = rpc_details
 
 
 async def fails(
     call: Awaitable[Any], code: grpc.StatusCode, reason: str
 ) -> tuple[error_details_pb2.ErrorInfo, error_details_pb2.BadRequest | None]:
-    """Await ``call``, expecting a failure with ``code`` and ErrorInfo ``reason``; return the details."""
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await call
-    error = caught.value
-    assert error.code() == code, f"{error.code()} {error.details()}"
-    info, bad = details(error)
-    assert (info.reason, info.domain) == (reason, DOMAIN), f"{info} {error.details()}"
-    return info, bad
+    """Await ``call``, expecting ``code`` with ErrorInfo ``reason`` in this service's domain."""
+    return await expect_failure(call, code, reason, DOMAIN)
 
 
 def fields(bad: error_details_pb2.BadRequest | None) -> set[str]:

@@ -10,15 +10,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
-import pytest
 from google.protobuf import json_format
 from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from common.comfydeploy.client import ComfyDeployClient
 from common.comfydeploy.models import Deployment
 from emulator.testing import MACHINES, RunningEmulator
 from stationthis.workflows.v1 import workflow_pb2, workflows_service_pb2, workflows_service_pb2_grpc
+from tests.support import expect_failure, rpc_details
 
 DOMAIN = "workflows.stationthis.dev"
 T0 = 1_760_000_000.0  # the fake clock's start (epoch seconds)
@@ -40,32 +39,14 @@ class FakeClock:
         self.now += seconds
 
 
-def details(error: grpc.aio.AioRpcError) -> tuple[error_details_pb2.ErrorInfo, error_details_pb2.BadRequest | None]:
-    status = rpc_status.from_call(error)
-    assert status is not None, f"no google.rpc.Status in the trailers: {error.code()} {error.details()}"
-    info, bad = None, None
-    for detail in status.details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad = error_details_pb2.BadRequest()
-            detail.Unpack(bad)
-    assert info is not None, "no ErrorInfo"
-    return info, bad
+details = rpc_details
 
 
 async def fails(
     call: Awaitable[Any], code: grpc.StatusCode, reason: str
 ) -> tuple[error_details_pb2.ErrorInfo, error_details_pb2.BadRequest | None]:
-    """Await ``call``, expecting ``code`` with ErrorInfo ``reason`` in our domain; return the details."""
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await call
-    error = caught.value
-    assert error.code() == code, f"{error.code()} {error.details()}"
-    info, bad = details(error)
-    assert (info.reason, info.domain) == (reason, DOMAIN), f"{info} {error.details()}"
-    return info, bad
+    """Await ``call``, expecting ``code`` with ErrorInfo ``reason`` in this service's domain."""
+    return await expect_failure(call, code, reason, DOMAIN)
 
 
 def violations(bad: error_details_pb2.BadRequest | None) -> dict[str, str]:
