@@ -64,7 +64,6 @@ class Counters:
 
 
 _meter = metrics.get_meter("stationthis.workflows")
-_lookups = _meter.create_counter("catalog.lookups", description="Catalog lookups by cache result")
 _refreshes = _meter.create_counter("catalog.refreshes", description="Catalog refreshes by outcome")
 _refresh_seconds = _meter.create_histogram("catalog.refresh.duration", unit="s", description="Refresh latency")
 
@@ -90,6 +89,16 @@ class CatalogCache:
         self._checked_at = float("-inf")  # monotonic time of the last stamp check
         self._refreshing: asyncio.Task[CatalogIndex] | None = None
         self._release = redis_client.register_script(_RELEASE)
+        # Lookups are counted in plain ints (a hot path) and reported to the meter when it reads them.
+        _meter.create_observable_counter(
+            "catalog.lookups", callbacks=[self._observe_lookups], description="Catalog lookups by cache result"
+        )
+
+    def _observe_lookups(self, _options: metrics.CallbackOptions) -> list[metrics.Observation]:
+        return [
+            metrics.Observation(self.counters.hits, {"result": "hit"}),
+            metrics.Observation(self.counters.misses, {"result": "miss"}),
+        ]
 
     # --- reading ----------------------------------------------------------------------------------
 
@@ -119,16 +128,15 @@ class CatalogCache:
             if time.monotonic() - self._checked_at >= self.settings.local_seconds or index is None:
                 index = await self._load_shared()
                 self._checked_at = time.monotonic()
-            if index is not None and self._age(index) <= self.settings.max_stale_seconds:
+            age = self._age(index) if index is not None else 0.0
+            if index is not None and age <= self.settings.max_stale_seconds:
                 if count:
                     self.counters.hits += 1
-                    _lookups.add(1, {"result": "hit"})
-                if self._age(index) > self.settings.ttl_seconds:
+                if age > self.settings.ttl_seconds:
                     self._start_refresh()  # stale-while-revalidate
                 return index
             if count:
                 self.counters.misses += 1
-                _lookups.add(1, {"result": "miss"})
             return await asyncio.shield(self._start_refresh())
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
             raise Unavailable("the catalog store did not answer", reason="STORE_UNAVAILABLE") from exc

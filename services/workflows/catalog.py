@@ -315,6 +315,9 @@ class CatalogIndex:
         # into their responses (protobuf constructors copy), never mutate it.
         self._rendered: dict[tuple[str, str], workflow_pb2.Workflow] = {}
         self._routes: dict[str, dict[str, Any] | None] = {}
+        # Responses built from this catalog, for callers that answer the same question repeatedly
+        # (the servicer's ResolveWorkflow). Never mutated once stored.
+        self.answers: dict[Any, Any] = {}
 
     def __len__(self) -> int:
         return len(self.by_id)

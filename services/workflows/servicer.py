@@ -17,11 +17,15 @@ from .catalog import CatalogIndex, deployment_message, validate_inputs
 
 MAX_ID = 256
 MAX_NAME = 200
+MAX_REMEMBERED_ANSWERS = 4096  # distinct (name as typed, environment) resolutions kept per catalog
 IDEMPOTENCY_TTL_SECONDS = 86_400
 
 
+ENVIRONMENTS = frozenset(workflow_pb2.Environment.values())
+
+
 def _environment(check: Violations, value: int) -> None:
-    if value not in workflow_pb2.Environment.values():
+    if value not in ENVIRONMENTS:
         check.add("environment", "is not a known environment")
 
 
@@ -80,14 +84,20 @@ class WorkflowsServicer(workflows_service_pb2_grpc.WorkflowsServiceServicer):
         _environment(check, request.environment)
         check.check()
         index = await self.cache.index()
-        workflow, matched_by, standardized = index.resolve(request.name)
-        deployment = index.deployment_for(workflow, request.environment)
-        return workflows_service_pb2.ResolveWorkflowResponse(
-            workflow=index.render(workflow, deployment),
-            standardized_name=standardized,
-            matched_by=workflows_service_pb2.MatchedBy.Name(matched_by),
-            deployment=deployment_message(deployment),
-        )
+        key = (request.name, request.environment)
+        answer = index.answers.get(key)
+        if answer is None:  # the catalog never changes once built: each answer is built once
+            workflow, matched_by, standardized = index.resolve(request.name)
+            deployment = index.deployment_for(workflow, request.environment)
+            answer = workflows_service_pb2.ResolveWorkflowResponse(
+                workflow=index.render(workflow, deployment),
+                standardized_name=standardized,
+                matched_by=workflows_service_pb2.MatchedBy.Name(matched_by),
+                deployment=deployment_message(deployment),
+            )
+            if len(index.answers) < MAX_REMEMBERED_ANSWERS:
+                index.answers[key] = answer
+        return answer
 
     async def ValidateInputs(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         check = Violations()
