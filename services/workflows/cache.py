@@ -121,6 +121,18 @@ class CatalogCache:
         self._index = CatalogIndex(json.loads(raw), self.aliases, self.routing)
         return self._index
 
+    def current(self) -> CatalogIndex | None:
+        """The in-memory catalog when it needs no check at all (within the local layer's time and
+        the TTL), else None: the hot path of a lookup, with no await."""
+        index = self._index
+        if (
+            index is None
+            or time.monotonic() - self._checked_at >= self.settings.local_seconds
+            or self._age(index) > self.settings.ttl_seconds
+        ):
+            return None
+        return index
+
     async def index(self, count: bool = True) -> CatalogIndex:
         """The catalog to answer a lookup from (see the module docstring); ``count``: a lookup."""
         try:

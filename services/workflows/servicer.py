@@ -79,12 +79,16 @@ class WorkflowsServicer(workflows_service_pb2_grpc.WorkflowsServiceServicer):
         return workflows_service_pb2.GetWorkflowResponse(workflow=index.render(workflow, deployment))
 
     async def ResolveWorkflow(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        key = (request.name, request.environment)
+        index = self.cache.current()
+        if index is not None and key in index.answers:  # asked and answered before: valid, fresh
+            self.cache.counters.hits += 1
+            return index.answers[key]
         check = Violations()
         check.text("name", request.name.strip(), MAX_NAME, required=True)
         _environment(check, request.environment)
         check.check()
         index = await self.cache.index()
-        key = (request.name, request.environment)
         answer = index.answers.get(key)
         if answer is None:  # the catalog never changes once built: each answer is built once
             workflow, matched_by, standardized = index.resolve(request.name)
