@@ -17,6 +17,8 @@ from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
 
+from google.protobuf import json_format, struct_pb2, timestamp_pb2
+
 from common.comfydeploy.models import Deployment, Machine
 from common.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound
 from stationthis.type.v1 import gpu_pb2
@@ -414,8 +416,6 @@ class CatalogIndex:
         return rendered
 
     def _render(self, workflow: Mapping[str, Any], deployment: Mapping[str, Any] | None) -> workflow_pb2.Workflow:
-        from google.protobuf import json_format, struct_pb2, timestamp_pb2
-
         message = workflow_pb2.Workflow(
             workflow_id=workflow["workflow_id"],
             name=workflow["name"],
@@ -423,9 +423,9 @@ class CatalogIndex:
             aliases=sorted(a for a, n in self.aliases.items() if n == workflow["name"]),
         )
         for d in workflow["deployments"]:
-            message.deployments.append(_deployment_message(d))
+            message.deployments.append(deployment_message(d))
         if workflow["updated_ms"]:
-            message.update_time.CopyFrom(_timestamp(workflow["updated_ms"], timestamp_pb2))
+            message.update_time.CopyFrom(_timestamp(workflow["updated_ms"]))
         if deployment is None:
             return message
         message.environment = deployment["environment"]
@@ -455,19 +455,17 @@ class CatalogIndex:
         message.version.workflow_version_id = deployment["workflow_version_id"]
         message.version.version = deployment["version"]
         if deployment["version_created_ms"]:
-            message.version.create_time.CopyFrom(_timestamp(deployment["version_created_ms"], timestamp_pb2))
+            message.version.create_time.CopyFrom(_timestamp(deployment["version_created_ms"]))
         return message
 
 
-def _timestamp(ms: int, module: Any) -> Any:
-    stamp = module.Timestamp()
+def _timestamp(ms: int) -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
     stamp.FromMilliseconds(ms)
     return stamp
 
 
-def _deployment_message(d: Mapping[str, Any]) -> workflow_pb2.WorkflowDeployment:
-    from google.protobuf import timestamp_pb2
-
+def deployment_message(d: Mapping[str, Any]) -> workflow_pb2.WorkflowDeployment:
     message = workflow_pb2.WorkflowDeployment(
         deployment_id=d["deployment_id"],
         environment=d["environment"],
@@ -477,11 +475,9 @@ def _deployment_message(d: Mapping[str, Any]) -> workflow_pb2.WorkflowDeployment
         is_fluid=d["is_fluid"],
     )
     if d["updated_ms"]:
-        message.update_time.CopyFrom(_timestamp(d["updated_ms"], timestamp_pb2))
+        message.update_time.CopyFrom(_timestamp(d["updated_ms"]))
     return message
 
-
-deployment_message = _deployment_message
 
 # --- input validation -----------------------------------------------------------------------------
 
