@@ -6,18 +6,16 @@ from typing import Any
 
 from google.protobuf import timestamp_pb2
 
+from common.proto_time import timestamp_from_ms
 from stationthis.points.v1 import points_pb2
 
 from .economy import level
 
 
 def _ts(ms: Any) -> timestamp_pb2.Timestamp | None:
+    """None for 0 (the ledger's "not set")."""
     value = int(ms or 0)
-    if value <= 0:
-        return None
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromMilliseconds(value)
-    return stamp
+    return timestamp_from_ms(value) if value > 0 else None
 
 
 def hold(d: dict[str, Any]) -> points_pb2.Hold:

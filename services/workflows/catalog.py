@@ -17,10 +17,11 @@ from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
 
-from google.protobuf import json_format, struct_pb2, timestamp_pb2
+from google.protobuf import json_format, struct_pb2
 
 from common.comfydeploy.models import Deployment, Machine
 from common.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound
+from common.proto_time import timestamp_from_ms
 from stationthis.type.v1 import gpu_pb2
 from stationthis.workflows.v1 import workflow_pb2
 from stationthis.workflows.v1 import workflows_service_pb2 as SVC
@@ -425,7 +426,7 @@ class CatalogIndex:
         for d in workflow["deployments"]:
             message.deployments.append(deployment_message(d))
         if workflow["updated_ms"]:
-            message.update_time.CopyFrom(_timestamp(workflow["updated_ms"]))
+            message.update_time.CopyFrom(timestamp_from_ms(workflow["updated_ms"]))
         if deployment is None:
             return message
         message.environment = deployment["environment"]
@@ -455,14 +456,8 @@ class CatalogIndex:
         message.version.workflow_version_id = deployment["workflow_version_id"]
         message.version.version = deployment["version"]
         if deployment["version_created_ms"]:
-            message.version.create_time.CopyFrom(_timestamp(deployment["version_created_ms"]))
+            message.version.create_time.CopyFrom(timestamp_from_ms(deployment["version_created_ms"]))
         return message
-
-
-def _timestamp(ms: int) -> timestamp_pb2.Timestamp:
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromMilliseconds(ms)
-    return stamp
 
 
 def deployment_message(d: Mapping[str, Any]) -> workflow_pb2.WorkflowDeployment:
@@ -475,7 +470,7 @@ def deployment_message(d: Mapping[str, Any]) -> workflow_pb2.WorkflowDeployment:
         is_fluid=d["is_fluid"],
     )
     if d["updated_ms"]:
-        message.update_time.CopyFrom(_timestamp(d["updated_ms"]))
+        message.update_time.CopyFrom(timestamp_from_ms(d["updated_ms"]))
     return message
 
 

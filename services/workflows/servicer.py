@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 import grpc
-from google.protobuf import duration_pb2, json_format, struct_pb2, timestamp_pb2
+from google.protobuf import json_format, struct_pb2
 from redis.asyncio import Redis
 
 from common.errors import DomainError
+from common.proto_time import duration_from_seconds, timestamp_from_ms
 from common.validation import Violations, decode_page_token, encode_page_token
 from stationthis.workflows.v1 import workflow_pb2, workflows_service_pb2, workflows_service_pb2_grpc
 
@@ -27,12 +28,6 @@ ENVIRONMENTS = frozenset(workflow_pb2.Environment.values())
 def _environment(check: Violations, value: int) -> None:
     if value not in ENVIRONMENTS:
         check.add("environment", "is not a known environment")
-
-
-def _duration(seconds: float) -> duration_pb2.Duration:
-    message = duration_pb2.Duration()
-    message.FromMilliseconds(int(seconds * 1000))
-    return message
 
 
 class WorkflowsServicer(workflows_service_pb2_grpc.WorkflowsServiceServicer):
@@ -159,22 +154,16 @@ class WorkflowsServicer(workflows_service_pb2_grpc.WorkflowsServiceServicer):
             upstream_errors=self.cache.upstream_errors(),
             upstream_healthy=counters.upstream_healthy and not shared.get("last_error"),
             last_error=shared.get("last_error", ""),
-            ttl=_duration(settings.ttl_seconds),
+            ttl=duration_from_seconds(settings.ttl_seconds),
             name_collisions=index.collisions if index else [],
         )
         if shared.get("last_refresh_ms"):
-            stats.last_refresh_time.CopyFrom(_timestamp(int(shared["last_refresh_ms"])))
-            stats.last_refresh_duration.CopyFrom(_duration(int(shared.get("last_duration_ms", 0)) / 1000))
+            stats.last_refresh_time.CopyFrom(timestamp_from_ms(int(shared["last_refresh_ms"])))
+            stats.last_refresh_duration.CopyFrom(duration_from_seconds(int(shared.get("last_duration_ms", 0)) / 1000))
         if index is not None:
             age = max(0.0, self.cache.clock() - index.built_ms / 1000)
-            stats.catalog_age.CopyFrom(_duration(age))
+            stats.catalog_age.CopyFrom(duration_from_seconds(age))
             stats.stale = age > settings.ttl_seconds
         else:
             stats.stale = True
         return stats
-
-
-def _timestamp(ms: int) -> timestamp_pb2.Timestamp:
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromMilliseconds(ms)
-    return stamp
