@@ -1,8 +1,10 @@
-"""`make bench`: run every benchmark in turn."""
+"""`make bench`: run every benchmark in turn (each prints its figures side by side, and the ratio)."""
 
-from . import catalog, rpc_overhead, upstream
+from . import catalog, gateway, points, rpc_overhead, upstream
 
 if __name__ == "__main__":
     rpc_overhead.main()
+    points.main()
     upstream.main()
     catalog.main()
+    gateway.main()
