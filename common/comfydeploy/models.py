@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import posixpath
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -125,17 +125,45 @@ def parse_datetime(value: Any) -> datetime | None:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
-def _rest(data: Mapping[str, Any], known: frozenset[str]) -> dict[str, Any]:
-    return {k: v for k, v in data.items() if k not in known}
+class _Seen(Mapping[str, Any]):
+    """A read-only view of a JSON object that remembers which keys the parser read, so what it did
+    not read is kept as ``extra`` without a second, hand-kept list of known keys."""
+
+    def __init__(self, data: Mapping[str, Any]) -> None:
+        self._data = data
+        self._read: set[str] = set()
+
+    def __getitem__(self, key: str) -> Any:
+        self._read.add(key)
+        return self._data[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        self._read.add(key)
+        return self._data.get(key, default)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def rest(self) -> dict[str, Any]:
+        return {k: v for k, v in self._data.items() if k not in self._read}
+
+
+def _rest(data: Mapping[str, Any]) -> dict[str, Any]:
+    """The fields the parser did not read (all of them for a plain mapping)."""
+    return data.rest() if isinstance(data, _Seen) else dict(data)
 
 
 def _require(data: Any, key: str, what: str) -> tuple[Mapping[str, Any], str]:
     if not isinstance(data, Mapping):
         raise ValueError(f"{what}: expected a JSON object, got {type(data).__name__}")
-    ident = _str(data.get(key))
+    seen = _Seen(data)
+    ident = _str(seen.get(key))
     if not ident:
         raise ValueError(f"{what}: missing {key!r}")
-    return data, ident
+    return seen, ident
 
 
 def _maybe_json(value: Any) -> Any:
@@ -174,8 +202,6 @@ class MediaItem:
     node_id: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
-    _KNOWN = frozenset({"url", "filename", "subfolder", "type", "output_id", "is_public", "format"})
-
     @classmethod
     def from_json(cls, key: str, item: Any, *, node_id: str | None = None) -> MediaItem | None:
         base = _KIND_BY_KEY.get(key, "other")
@@ -185,6 +211,7 @@ class MediaItem:
             return cls(kind=_refine(base, item, None), key=key, url=item, node_id=node_id)
         if not isinstance(item, Mapping):
             return None
+        item = _Seen(item)
         url = _str(item.get("url"))
         filename = _str(item.get("filename"))
         fmt = _str(item.get("format"))
@@ -199,7 +226,7 @@ class MediaItem:
             is_public=_bool(item.get("is_public")),
             format=fmt,
             node_id=node_id,
-            extra=_rest(item, cls._KNOWN),
+            extra=_rest(item),
         )
 
 
@@ -229,12 +256,11 @@ class RunOutput:
     updated_at: datetime | None
     extra: dict[str, Any] = field(default_factory=dict)
 
-    _KNOWN = frozenset({"id", "run_id", "output_id", "data", "node_meta", "node_id", "created_at", "updated_at"})
-
     @classmethod
     def from_json(cls, data: Any) -> RunOutput | None:
         if not isinstance(data, Mapping):
             return None
+        data = _Seen(data)
         meta = _dict(data.get("node_meta"))
         return cls(
             id=_str(data.get("id")),
@@ -245,7 +271,7 @@ class RunOutput:
             node_class=_str(meta.get("node_class")),
             created_at=parse_datetime(data.get("created_at")),
             updated_at=parse_datetime(data.get("updated_at")),
-            extra=_rest(data, cls._KNOWN),
+            extra=_rest(data),
         )
 
     def media(self) -> list[MediaItem]:
@@ -284,32 +310,6 @@ class Run:
     webhook: str | None
     extra: dict[str, Any] = field(default_factory=dict)
 
-    _KNOWN = frozenset(
-        {
-            "id",
-            "status",
-            "progress",
-            "live_status",
-            "workflow_id",
-            "workflow_version_id",
-            "machine_id",
-            "origin",
-            "gpu",
-            "workflow_inputs",
-            "outputs",
-            "created_at",
-            "updated_at",
-            "queued_at",
-            "started_at",
-            "ended_at",
-            "duration",
-            "run_duration",
-            "cold_start_duration",
-            "queue_position",
-            "webhook",
-        }
-    )
-
     @classmethod
     def from_json(cls, data: Any) -> Run:
         data, ident = _require(data, "id", "run")
@@ -336,7 +336,7 @@ class Run:
             cold_start_duration=_float(data.get("cold_start_duration")),
             queue_position=_int(data.get("queue_position")),
             webhook=_str(data.get("webhook")),
-            extra=_rest(data, cls._KNOWN),
+            extra=_rest(data),
         )
 
     @property
@@ -360,7 +360,7 @@ class QueuedRun:
     @classmethod
     def from_json(cls, data: Any) -> QueuedRun:
         data, ident = _require(data, "run_id", "queued run")
-        return cls(run_id=ident, extra=_rest(data, frozenset({"run_id"})))
+        return cls(run_id=ident, extra=_rest(data))
 
 
 @dataclass(frozen=True)
@@ -377,7 +377,7 @@ class UploadedFile:
             file_id=ident,
             file_url=_str(data.get("file_url")),
             file_name=_str(data.get("file_name")),
-            extra=_rest(data, frozenset({"file_id", "file_url", "file_name"})),
+            extra=_rest(data),
         )
 
 
@@ -398,25 +398,11 @@ class InputType:
     enum_options: tuple[Any, ...] | None
     extra: dict[str, Any] = field(default_factory=dict)
 
-    _KNOWN = frozenset(
-        {
-            "input_id",
-            "type",
-            "class_type",
-            "default_value",
-            "min_value",
-            "max_value",
-            "step",
-            "display_name",
-            "description",
-            "enum_options",
-        }
-    )
-
     @classmethod
     def from_json(cls, data: Any) -> InputType | None:
         if not isinstance(data, Mapping) or not _str(data.get("input_id")):
             return None
+        data = _Seen(data)
         options = _maybe_json(data.get("enum_options"))
         return cls(
             input_id=str(_str(data.get("input_id"))),
@@ -429,7 +415,7 @@ class InputType:
             display_name=_str(data.get("display_name")) or "",
             description=_str(data.get("description")) or "",
             enum_options=tuple(options) if isinstance(options, list) else None,
-            extra=_rest(data, cls._KNOWN),
+            extra=_rest(data),
         )
 
 
@@ -446,20 +432,6 @@ class WorkflowVersion:
     updated_at: datetime | None
     extra: dict[str, Any] = field(default_factory=dict)
 
-    _KNOWN = frozenset(
-        {
-            "id",
-            "workflow_id",
-            "version",
-            "workflow",
-            "workflow_api",
-            "comment",
-            "machine_id",
-            "created_at",
-            "updated_at",
-        }
-    )
-
     @classmethod
     def from_json(cls, data: Any) -> WorkflowVersion:
         data, ident = _require(data, "id", "workflow version")
@@ -474,7 +446,7 @@ class WorkflowVersion:
             machine_id=_str(data.get("machine_id")),
             created_at=parse_datetime(data.get("created_at")),
             updated_at=parse_datetime(data.get("updated_at")),
-            extra=_rest(data, cls._KNOWN),
+            extra=_rest(data),
         )
 
 
@@ -498,20 +470,6 @@ class Workflow:
     versions: tuple[WorkflowVersion, ...]
     extra: dict[str, Any] = field(default_factory=dict)
 
-    _KNOWN = frozenset(
-        {
-            "id",
-            "name",
-            "created_at",
-            "updated_at",
-            "user_id",
-            "pinned",
-            "cover_image",
-            "selected_machine_id",
-            "versions",
-        }
-    )
-
     @classmethod
     def from_json(cls, data: Any) -> Workflow:
         data, ident = _require(data, "id", "workflow")
@@ -526,7 +484,7 @@ class Workflow:
             cover_image=_str(data.get("cover_image")),
             selected_machine_id=_str(data.get("selected_machine_id")),
             versions=versions,
-            extra=_rest(data, cls._KNOWN),
+            extra=_rest(data),
         )
 
 
@@ -542,7 +500,7 @@ class UploadedWorkflow:
         return cls(
             workflow_id=ident,
             machine_id=_str(data.get("machine_id")),
-            extra=_rest(data, frozenset({"workflow_id", "machine_id"})),
+            extra=_rest(data),
         )
 
 
@@ -560,10 +518,6 @@ class Machine:
     updated_at: datetime | None
     extra: dict[str, Any] = field(default_factory=dict)
 
-    _KNOWN = frozenset(
-        {"id", "name", "type", "status", "gpu", "deleted", "endpoint", "concurrency_limit", "created_at", "updated_at"}
-    )
-
     @classmethod
     def from_json(cls, data: Any) -> Machine:
         data, ident = _require(data, "id", "machine")
@@ -578,7 +532,7 @@ class Machine:
             concurrency_limit=_int(data.get("concurrency_limit")),
             created_at=parse_datetime(data.get("created_at")),
             updated_at=parse_datetime(data.get("updated_at")),
-            extra=_rest(data, cls._KNOWN),
+            extra=_rest(data),
         )
 
 
@@ -601,26 +555,6 @@ class Deployment:
     updated_at: datetime | None
     extra: dict[str, Any] = field(default_factory=dict)
 
-    _KNOWN = frozenset(
-        {
-            "id",
-            "workflow_id",
-            "workflow_version_id",
-            "machine_id",
-            "environment",
-            "description",
-            "gpu",
-            "workflow",
-            "machine",
-            "modal_image_id",
-            "input_types",
-            "output_types",
-            "version",
-            "created_at",
-            "updated_at",
-        }
-    )
-
     @classmethod
     def from_json(cls, data: Any) -> Deployment:
         data, ident = _require(data, "id", "deployment")
@@ -641,7 +575,7 @@ class Deployment:
             version=_version_or_none(data.get("version")),
             created_at=parse_datetime(data.get("created_at")),
             updated_at=parse_datetime(data.get("updated_at")),
-            extra=_rest(data, cls._KNOWN),
+            extra=_rest(data),
         )
 
     @property
