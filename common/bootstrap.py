@@ -114,10 +114,13 @@ class GrpcServer:
         # A probe gets at least a second however often health is checked: a slow moment on a busy
         # machine is not an outage. Each coroutine is created inside its own wait_for.
         timeout = max(1.0, self.config.health_interval_seconds)
-        results = await asyncio.gather(
-            *(asyncio.wait_for(p.check(), timeout) for p in probes),
-            return_exceptions=True,
-        )
+
+        async def run(probe: Probe) -> Any:
+            # The probe's coroutine is made here, inside the task: cancelled before it starts, the
+            # task leaves no coroutine behind un-awaited.
+            return await asyncio.wait_for(probe.check(), timeout)
+
+        results = await asyncio.gather(*(run(p) for p in probes), return_exceptions=True)
         return [
             f"{probe.name}: {type(result).__name__} {result}".strip()
             for probe, result in zip(probes, results, strict=False)
