@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from typing import Any
 import httpx
 
 from common.comfydeploy import ComfyDeployClient
+from common.redis_server import free_port
 
 from .common_load import ROOT, rate
 
@@ -30,14 +30,8 @@ API_KEY = "bench-emulator-key"
 DEPLOYMENT = "d4000000-0000-4000-8000-000000000001"  # emulator fixture: text2img, production
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def start_emulator() -> tuple[subprocess.Popen[bytes], str]:
-    port = _free_port()
+    port = free_port()
     env = dict(
         os.environ,
         PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "gen")]),

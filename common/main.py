@@ -21,13 +21,11 @@ class ServiceConfig(Protocol):
 C = TypeVar("C", bound=ServiceConfig)
 
 
-def run(
-    name: str,
-    config_cls: type[C],
-    build: Callable[[C], Awaitable[Service]],
-    environ: Mapping[str, str] | None = None,
-) -> None:
-    """Start service ``name``; exit 2 with a message naming the variable on a configuration error."""
+T = TypeVar("T")
+
+
+def prepare(name: str, config_cls: type[T], environ: Mapping[str, str] | None = None) -> tuple[T, ServerConfig]:
+    """Parse the process's config, set up JSON logs and tracing; exit 2 naming a bad variable."""
     environ = os.environ if environ is None else environ
     try:
         config = load(config_cls, environ)
@@ -37,6 +35,17 @@ def run(
         raise SystemExit(2) from None
     logs.configure(name, server_config.log_level, secrets_of(config))
     telemetry.setup(f"stationthis-{name}", environ)
+    return config, server_config
+
+
+def run(
+    name: str,
+    config_cls: type[C],
+    build: Callable[[C], Awaitable[Service]],
+    environ: Mapping[str, str] | None = None,
+) -> None:
+    """Start service ``name`` and serve it until SIGTERM or SIGINT."""
+    config, server_config = prepare(name, config_cls, environ)
 
     async def main() -> None:
         service = await build(config)

@@ -48,9 +48,14 @@ PUBLIC_METHODS = frozenset({"/stationthis.comfyui.v1.ComfyUIService/HandleWebhoo
 LENIENT_METHODS = PUBLIC_METHODS
 
 
-def _error(status: status_pb2.Status) -> JSONResponse:
+def _error(
+    status: status_pb2.Status, http_status: int | None = None, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    """The one error shape; ``http_status`` when HTTP says more than the gRPC code (405, 413)."""
     body = transcode.error_body(status)
-    return JSONResponse(body, status_code=body["error"]["code"])
+    if http_status is not None:
+        body["error"]["code"] = http_status
+    return JSONResponse(body, status_code=body["error"]["code"], headers=headers)
 
 
 class Gateway:
@@ -138,9 +143,7 @@ class Gateway:
                 status = transcode.simple_status(
                     grpc.StatusCode.UNIMPLEMENTED, f"{request.method} is not allowed here", "METHOD_NOT_ALLOWED"
                 )
-                not_allowed = transcode.error_body(status)
-                not_allowed["error"]["code"] = 405
-                return JSONResponse(not_allowed, status_code=405, headers={"Allow": ", ".join(sorted(set(allowed)))})
+                return _error(status, 405, {"Allow": ", ".join(sorted(set(allowed)))})
             return _error(transcode.simple_status(grpc.StatusCode.NOT_FOUND, "no such route", "ROUTE_NOT_FOUND"))
         if route.full_method not in PUBLIC_METHODS and not self.authenticated(request):
             return _error(
@@ -153,9 +156,7 @@ class Gateway:
             status = transcode.simple_status(
                 grpc.StatusCode.INVALID_ARGUMENT, "request body too large", "BODY_TOO_LARGE"
             )
-            error = transcode.error_body(status)
-            error["error"]["code"] = 413
-            return JSONResponse(error, status_code=413)
+            return _error(status, 413)
         try:
             message = transcode.build_request(
                 route,

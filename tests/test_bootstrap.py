@@ -12,16 +12,14 @@ import time
 
 import grpc
 import pytest
-from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_status import rpc_status
 
 from common import logs
 from common.bootstrap import GrpcServer, Probe, redis_probe
 from common.redis_client import connect
 from common.redis_server import RedisServer, free_port
 from tests.conftest import FAST, PYTHON, ROOT, python_env
-from tests.support import TEST_SERVICE, make_test_service
+from tests.support import TEST_SERVICE, make_test_service, rpc_details
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -41,20 +39,7 @@ def call(channel: grpc.aio.Channel, method: str):
     return channel.unary_unary(f"/{TEST_SERVICE}/{method}")
 
 
-def details(
-    error: grpc.aio.AioRpcError,
-) -> tuple[error_details_pb2.ErrorInfo | None, error_details_pb2.BadRequest | None]:
-    status = rpc_status.from_call(error)
-    info = bad = None
-    assert status is not None, "no google.rpc.Status in the trailers"
-    for detail in status.details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad = error_details_pb2.BadRequest()
-            detail.Unpack(bad)
-    return info, bad
+details = rpc_details
 
 
 async def test_ok_call_passes_through(test_server):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta, timezone
@@ -38,6 +37,7 @@ from common.comfydeploy import (
 )
 from common.comfydeploy import errors as cd_errors
 from common.comfydeploy.models import parse_datetime
+from common.redis_server import free_port
 from emulator.testing import DEPLOYMENTS, MACHINES, WORKFLOWS, RunningEmulator
 
 RUN_ROUTE = "GET /api/run/{run_id}"
@@ -425,9 +425,7 @@ async def test_upload_workflow_is_not_re_sent_after_a_dropped_connection(
 
 
 def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    return free_port()  # free now, and nothing will listen there
 
 
 async def test_refused_connection_is_retried_even_for_queue_run_then_unavailable() -> None:

@@ -130,39 +130,30 @@ class RedisLedger:
         self.clock = clock or SystemClock()
         self._script = client.register_script(SCRIPT)
         self._drop_if_stale = client.register_script(_DROP_IF_STALE)
+        economy = self.settings.economy
+        self._static_params = {  # the script's parameters that never change, built once
+            "period_ms": economy.regen_period_seconds * 1000,
+            "regen_periods": economy.regen_periods,
+            "token_offset": economy.token_offset,
+            "token_divisor": economy.token_divisor,
+            "max_open": self.settings.max_open_holds,
+            "idem_ttl": self.settings.idempotency_ttl_seconds,
+            "retention": self.settings.retention_seconds,
+            "max_balance": MAX_BALANCE,
+        }
         # Test seam: awaited between the two sides of a transfer (a crash test makes it exit).
         self.after_transfer_debit: Callable[[], Awaitable[None]] | None = None
 
     # --- plumbing ---------------------------------------------------------------------------------
 
     def _params(self, user_id: str) -> str:
-        economy = self.settings.economy
-        return json.dumps(
-            {
-                "now": self.clock.now_ms(),
-                "user": user_id,
-                "pfx": prefix(user_id),
-                "period_ms": economy.regen_period_seconds * 1000,
-                "regen_periods": economy.regen_periods,
-                "token_offset": economy.token_offset,
-                "token_divisor": economy.token_divisor,
-                "max_open": self.settings.max_open_holds,
-                "idem_ttl": self.settings.idempotency_ttl_seconds,
-                "retention": self.settings.retention_seconds,
-                "max_balance": MAX_BALANCE,
-            }
-        )
+        return json.dumps({**self._static_params, "now": self.clock.now_ms(), "user": user_id, "pfx": prefix(user_id)})
 
     async def _run(self, user_id: str, request: dict[str, Any], rpc: str = "", request_id: str = "") -> Any:
         pfx = prefix(user_id)
         idem = f"{pfx}:idem:{rpc}:{request_id}" if rpc else ""
         keys: Sequence[str] = (f"{pfx}:acct", f"{pfx}:open", f"{pfx}:tx", idem)
-        try:
-            raw = await self._script(keys=keys, args=[self._params(user_id), json.dumps(request)])
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-            raise Unavailable(
-                "the points store did not answer; retry with the same request_id", reason="STORE_UNAVAILABLE"
-            ) from exc
+        raw = await self._unavailable_guard(self._script(keys=keys, args=[self._params(user_id), json.dumps(request)]))
         result = json.loads(raw)
         if isinstance(result, dict) and "error" in result:
             _raise(result)
