@@ -4,8 +4,10 @@ Everything runs as separate processes: a Redis server, the ComfyUI Deploy emulat
 and the service (`python -m services.workflows`).
 
 1. ResolveWorkflow on a warm cache next to grpc.health.v1.Health/Check (a no-op RPC through the same
-   server, interceptors included) on the same server; rounds alternate so drift hits both alike. The
-   ratio says how much of a lookup's cost is the lookup itself (goal >= 0.8).
+   server, interceptors included) on the same server; rounds alternate so drift hits both alike. Both
+   carry a trace context, as calls through the gateway do, so both are traced: the ratio says how
+   much of a lookup's cost is the lookup itself (goal >= 0.8). A bare probe (health check without a
+   trace context, so untraced) is measured too, for reference.
 2. A steady mix of ResolveWorkflow, GetWorkflow, ListWorkflows and ValidateInputs with a short TTL
    (refreshes keep happening): the hit ratio from GetCatalogStats (hits / (hits + misses)) and the
    upstream calls per minute from the emulator's request statistics.
@@ -32,7 +34,7 @@ from common.redis_server import RedisServer, free_port
 from stationthis.workflows.v1 import workflows_service_pb2 as rpc
 from stationthis.workflows.v1 import workflows_service_pb2_grpc
 
-from .common_load import ROOT, rate
+from .common_load import ROOT, rate, traceparent
 from .upstream import API_KEY, start_emulator
 
 CONCURRENCY = 32
@@ -107,9 +109,11 @@ async def warm_lookup(redis_url: str, api_url: str) -> dict[str, float]:
             health = health_pb2_grpc.HealthStub(channel)
             stub = workflows_service_pb2_grpc.WorkflowsServiceStub(channel)
             request = rpc.ResolveWorkflowRequest(name="/make")
+            probe = health_pb2.HealthCheckRequest()
             calls = {
-                "health": lambda: health.Check(health_pb2.HealthCheckRequest(), timeout=5),
-                "resolve": lambda: stub.ResolveWorkflow(request, timeout=5),
+                "health": lambda: health.Check(probe, timeout=5, metadata=traceparent()),
+                "resolve": lambda: stub.ResolveWorkflow(request, timeout=5, metadata=traceparent()),
+                "probe": lambda: health.Check(probe, timeout=5),
             }
             for call in calls.values():  # warm up: the catalog load, connections, code paths
                 await rate(call, CONCURRENCY, 0.5)
@@ -126,6 +130,7 @@ async def warm_lookup(redis_url: str, api_url: str) -> dict[str, float]:
     return {
         "health": sum(rates["health"]) / ROUNDS,
         "resolve": sum(rates["resolve"]) / ROUNDS,
+        "probe": sum(rates["probe"]) / ROUNDS,
         "ratio_min": ratios[0],
         "ratio_max": ratios[-1],
     }
@@ -199,11 +204,13 @@ def main() -> None:
             emulator.kill()
     print(f"catalog: workflows service, Redis and emulator as subprocesses, concurrency {CONCURRENCY}")
     print(f"  warm cache, {ROUNDS} alternating rounds of {ROUND_SECONDS}s:")
-    print(f"    no-op RPC (grpc.health.v1.Health/Check): {warm['health']:9.0f} calls/s")
-    print(f"    ResolveWorkflow (/make):                 {warm['resolve']:9.0f} calls/s")
+    print(f"    no-op RPC (grpc.health.v1.Health/Check): {warm['health']:9.0f} calls/s  (with a trace context)")
+    print(f"    ResolveWorkflow (/make):                 {warm['resolve']:9.0f} calls/s  (with a trace context)")
     ratio = warm["resolve"] / warm["health"]
     print(f"    ratio resolve/no-op:                     {ratio:9.2f}  (goal >= 0.8; ", end="")
     print(f"per round {warm['ratio_min']:.2f}..{warm['ratio_max']:.2f})")
+    print(f"    bare probe (Health/Check, untraced):     {warm['probe']:9.0f} calls/s")
+    print(f"    ratio resolve/bare probe:                {warm['resolve'] / warm['probe']:9.2f}  (the span's cost included)")
     print(f"  mixed Resolve/Get/List/Validate for {mixed['elapsed']:.0f}s, TTL {MIXED_TTL_SECONDS:g}s:")
     print(f"    throughput:                              {mixed['per_second']:9.0f} calls/s")
     print(f"    hit ratio hits/(hits+misses):            {mixed['hit_ratio']:9.4f}  ", end="")

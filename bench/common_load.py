@@ -13,6 +13,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def traceparent() -> tuple[tuple[str, str], ...]:
+    """gRPC metadata with a new sampled W3C trace context, as the gateway sends on every call.
+
+    Benchmarks send it on the RPC they measure and on the no-op alike, so both take the same traced
+    path; a bare health check (a probe) is not traced, which would flatter the no-op.
+    """
+    return (("traceparent", f"00-{os.urandom(16).hex()}-{os.urandom(8).hex()}-01"),)
+
+
 async def rate(call: Callable[[], Awaitable[object]], concurrency: int, seconds: float) -> float:
     """Calls per second completed by ``concurrency`` workers calling back to back for ``seconds``."""
     done = 0

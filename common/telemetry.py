@@ -3,7 +3,8 @@
 A ``TracerProvider`` named after the service; W3C TraceContext and Baggage propagation; OTLP export
 only when ``OTEL_EXPORTER_OTLP_ENDPOINT`` is set (the exporter reads the standard ``OTEL_*``
 variables itself); nothing exported otherwise. Redis and httpx clients are instrumented here so every
-outbound call joins the caller's trace. Health and reflection RPCs stay out of traces.
+outbound call joins the caller's trace. Health and reflection RPCs stay out of traces unless the
+caller sends a trace context (see ``_traced``).
 """
 
 from __future__ import annotations
@@ -25,15 +26,21 @@ _UNTRACED_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 
 def _traced(details: Any) -> bool:
-    """Health checks and reflection stay out of traces.
+    """Health checks and reflection stay out of traces, unless the call carries a trace context.
 
-    A plain prefix test: the library's composable filters split the method with os.path on every
-    call, a measurable share of a cheap RPC's cost.
+    Probes (orchestrators, load balancers, our own dependency checks) send no ``traceparent`` and
+    would only flood the traces; a caller that does send one made the call part of a traced
+    operation, so it joins that trace like any other RPC. A plain prefix test: the library's
+    composable filters split the method with os.path on every call, a measurable share of a cheap
+    RPC's cost.
     """
     method = getattr(details, "method", "")
     if isinstance(method, bytes):
         method = method.decode()
-    return not str(method).startswith(_UNTRACED_PREFIXES)
+    if not str(method).startswith(_UNTRACED_PREFIXES):
+        return True
+    metadata = getattr(details, "invocation_metadata", None) or ()
+    return any(item[0] == "traceparent" for item in metadata)
 
 
 _provider: TracerProvider | None = None

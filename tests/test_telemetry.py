@@ -44,7 +44,11 @@ def _run_points(redis_url: str, extra: dict[str, str]) -> tuple[subprocess.Popen
     raise AssertionError("the service never said where it listens")
 
 
-def _call_with_traceparent(port: int, trace_id: str) -> None:
+def _call_with_traceparent(port: int, trace_id: str, health_trace_id: str = "") -> None:
+    """GetAccount within trace ``trace_id``; then health checks: a bare probe and, if
+    ``health_trace_id`` is given, one within that trace."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
     from stationthis.points.v1 import points_service_pb2, points_service_pb2_grpc
 
     async def call() -> None:
@@ -54,11 +58,16 @@ def _call_with_traceparent(port: int, trace_id: str) -> None:
             for _ in range(100):  # until the service answers
                 try:
                     await stub.GetAccount(points_service_pb2.GetAccountRequest(user_id="otel"), metadata=metadata)
-                    return
+                    break
                 except grpc.aio.AioRpcError as exc:
                     if exc.code() != grpc.StatusCode.UNAVAILABLE:
                         raise
                     await asyncio.sleep(0.05)
+            health = health_pb2_grpc.HealthStub(channel)
+            await health.Check(health_pb2.HealthCheckRequest())
+            if health_trace_id:
+                traced = (("traceparent", f"00-{health_trace_id}-00f067aa0ba902b7-01"),)
+                await health.Check(health_pb2.HealthCheckRequest(), metadata=traced)
 
     asyncio.run(call())
 
@@ -84,14 +93,16 @@ def test_spans_are_exported_over_otlp_when_the_endpoint_is_set(redis_url):
                 "OTEL_SERVICE_NAME": "points-under-test",
             },
         )
-        trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
-        _call_with_traceparent(service_port, trace_id)
+        trace_id, health_trace_id = "4bf92f3577b34da6a3ce929d0e0e4736", "6cf92f3577b34da6a3ce929d0e0e4737"
+        _call_with_traceparent(service_port, trace_id, health_trace_id)
         _stop(process)  # shutdown flushes the batch processor
     finally:
         server.stop(0)
     ours = [s for s in collector.spans if s[0] == "points-under-test"]
     assert any(name.endswith("GetAccount") and tid == trace_id for _, name, tid in ours), collector.spans
-    assert not any("Health" in name for _, name, _ in ours), "health checks must stay out of traces"
+    # Probes (no trace context) stay out of traces; a health check sent within a trace joins it.
+    health_spans = [tid for _, name, tid in ours if "Health" in name]
+    assert health_spans == [health_trace_id], collector.spans
 
 
 def test_nothing_is_exported_without_the_endpoint(redis_url):
