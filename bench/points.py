@@ -3,8 +3,10 @@
 One ``python -m services.points`` process on a throw-away redis-server. Mutations are ReserveHold
 and CaptureHold, alternating in each worker (each call counts as one mutation), over many users so
 the 3-open-holds cap is never reached; the no-op is grpc.health.v1.Health/Check on the same server.
-Rounds alternate (mutations, no-op, mutations, no-op, ...) so drift hits both alike. Redis round
-trips per mutation come from INFO deltas taken around the mutation rounds only.
+Every call carries a trace context, as calls through the gateway do, so the mutations and the no-op
+take the same traced path; a bare probe (untraced) is measured for reference. Rounds alternate
+(mutations, no-op, probe, mutations, ...) so drift hits all alike. Redis round trips per mutation
+come from INFO deltas taken around the mutation rounds only; CPU per call from /proc.
 """
 
 from __future__ import annotations
@@ -22,14 +24,12 @@ from typing import Any
 
 import grpc
 import redis
-from google.protobuf import duration_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from common.redis_server import RedisServer, free_port
 from stationthis.points.v1 import points_pb2, points_service_pb2, points_service_pb2_grpc
-from stationthis.type.v1 import gpu_pb2
 
-from .common_load import ROOT
+from .common_load import ROOT, traceparent
 
 CONCURRENCY = 32
 USERS_PER_WORKER = 8
@@ -101,6 +101,7 @@ class Mutator:
                     request_id=uuid.uuid4().hex, user_id=user, estimate_points=ESTIMATE
                 ),
                 timeout=10,
+                metadata=traceparent(),
             )
             self.open = (user, reply.hold.hold_id)
         else:
@@ -110,6 +111,7 @@ class Mutator:
                     request_id=uuid.uuid4().hex, user_id=user, hold_id=hold_id, cost_points=ESTIMATE
                 ),
                 timeout=10,
+                metadata=traceparent(),
             )
             self.open = None
         self.count += 1
@@ -137,7 +139,7 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def measure(redis_url: str, port: int, log_path: str) -> dict[str, Any]:
+async def measure(redis_url: str, port: int, log_path: str, redis_pid: int) -> dict[str, Any]:
     process = start_service(redis_url, port, log_path)
     client = redis.Redis.from_url(redis_url)
     try:
@@ -161,42 +163,39 @@ async def measure(redis_url: str, port: int, log_path: str) -> dict[str, Any]:
                 )
             )  # fmt: skip
         mutators = [Mutator(stub, group) for group in users]
-        noops = [lambda: health.Check(health_pb2.HealthCheckRequest(), timeout=10)] * CONCURRENCY
-        # A traced RPC with no I/O: the same path as a mutation (tracing, logging, errors), minus Redis.
-        quote = points_service_pb2.QuoteCostRequest(
-            gpu=gpu_pb2.GPU_TYPE_A10G, gpu_time=duration_pb2.Duration(seconds=30)
-        )
-        quotes = [lambda: stub.QuoteCost(quote, timeout=10)] * CONCURRENCY
-
-        await closed_loop(list(mutators), 0.5)  # warm up (and load the script)
-        await closed_loop(noops, 0.5)
-        await closed_loop(quotes, 0.5)
-        totals = {"mutations": 0.0, "noop": 0.0, "quote": 0.0}
+        probe = health_pb2.HealthCheckRequest()
+        modes: dict[str, list[Callable[[], Awaitable[object]]]] = {
+            "mutations": list(mutators),
+            "noop": [lambda: health.Check(probe, timeout=10, metadata=traceparent())] * CONCURRENCY,
+            "probe": [lambda: health.Check(probe, timeout=10)] * CONCURRENCY,
+        }
+        for workers in modes.values():  # warm up (and load the script)
+            await closed_loop(workers, 0.5)
+        rates: dict[str, list[float]] = {mode: [] for mode in modes}
+        calls = dict.fromkeys(modes, 0)
+        cpu = {mode: [0.0, 0.0, 0.0] for mode in modes}  # service, bench client, Redis: CPU seconds
         commands: dict[str, int] = {}
-        cpu = {"mutations": [0.0, 0.0], "noop": [0.0, 0.0]}  # [service, bench client] CPU seconds
-        mutations = noop_calls = 0
         for _ in range(ROUNDS):
-            before_count = sum(m.count for m in mutators)
-            before = redis_counts(client)
-            service_cpu, client_cpu = cpu_seconds(process.pid), time.process_time()
-            totals["mutations"] += await closed_loop(list(mutators), ROUND_SECONDS)
-            cpu["mutations"][0] += cpu_seconds(process.pid) - service_cpu
-            cpu["mutations"][1] += time.process_time() - client_cpu
-            after = redis_counts(client)
-            mutations += sum(m.count for m in mutators) - before_count
-            for name, calls in after.items():
-                commands[name] = commands.get(name, 0) + calls - before.get(name, 0)
-            # The INFO calls that read the counters: the second of "before" and the first of "after".
-            commands["total"] -= 2
-            commands["reads"] -= 2
-            commands["info"] = commands.get("info", 0) - 2
-            service_cpu, client_cpu = cpu_seconds(process.pid), time.process_time()
-            rate = await closed_loop(noops, ROUND_SECONDS)
-            cpu["noop"][0] += cpu_seconds(process.pid) - service_cpu
-            cpu["noop"][1] += time.process_time() - client_cpu
-            totals["noop"] += rate
-            noop_calls += round(rate * ROUND_SECONDS)
-            totals["quote"] += await closed_loop(quotes, ROUND_SECONDS)
+            for mode, workers in modes.items():
+                before_count = sum(m.count for m in mutators)
+                before = redis_counts(client) if mode == "mutations" else {}
+                started = (cpu_seconds(process.pid), time.process_time(), cpu_seconds(redis_pid))
+                rate = await closed_loop(workers, ROUND_SECONDS)
+                ended = (cpu_seconds(process.pid), time.process_time(), cpu_seconds(redis_pid))
+                rates[mode].append(rate)
+                for i in range(3):
+                    cpu[mode][i] += ended[i] - started[i]
+                if mode != "mutations":
+                    calls[mode] += round(rate * ROUND_SECONDS)
+                    continue
+                after = redis_counts(client)
+                calls[mode] += sum(m.count for m in mutators) - before_count
+                for name, count in after.items():
+                    commands[name] = commands.get(name, 0) + count - before.get(name, 0)
+                # The INFO calls that read the counters: the second of "before" and the first of "after".
+                commands["total"] -= 2
+                commands["reads"] -= 2
+                commands["info"] = commands.get("info", 0) - 2
         await channel.close()
     finally:
         process.send_signal(signal.SIGTERM)
@@ -205,46 +204,50 @@ async def measure(redis_url: str, port: int, log_path: str) -> dict[str, Any]:
         except subprocess.TimeoutExpired:
             process.kill()
         client.close()
+    ratios = sorted(m / n for m, n in zip(rates["mutations"], rates["noop"], strict=True))
     return {
-        "mutations": totals["mutations"] / ROUNDS,
-        "noop": totals["noop"] / ROUNDS,
-        "quote": totals["quote"] / ROUNDS,
-        "count": mutations,
-        "noop_count": noop_calls,
-        "cpu": cpu,
-        "commands": {name: calls for name, calls in commands.items() if calls > 0},
+        "rates": {mode: sum(values) / ROUNDS for mode, values in rates.items()},
+        "ratio_range": (ratios[0], ratios[-1]),
+        "calls": calls,
+        "cpu_us": {mode: [seconds / max(1, calls[mode]) * 1e6 for seconds in cpu[mode]] for mode in modes},
+        "commands": {name: count for name, count in commands.items() if count > 0},
     }
 
 
 def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-points-") as tmp:
         server = RedisServer(os.path.join(tmp, "redis")).start()
+        assert server.process is not None
         try:
-            result = asyncio.run(measure(server.url, free_port(), os.path.join(tmp, "points.log")))
+            result = asyncio.run(measure(server.url, free_port(), os.path.join(tmp, "points.log"), server.process.pid))
         finally:
             server.stop()
-    count, commands, cpu = result["count"], result["commands"], result["cpu"]
+    rates, commands, cpu_us = result["rates"], result["commands"], result["cpu_us"]
+    count = result["calls"]["mutations"]
     scripts = commands.get("evalsha", 0) + commands.get("eval", 0)
     listed = ", ".join(
         f"{name} {calls}" for name, calls in sorted(commands.items()) if name not in ("total", "reads", "evalsha_usec")
     )
+    low, high = result["ratio_range"]
     print(f"points: one service process, concurrency {CONCURRENCY}, {ROUNDS} alternating rounds of {ROUND_SECONDS}s")
-    print(f"  ledger mutations (ReserveHold/CaptureHold):        {result['mutations']:9.0f} calls/s")
-    print(f"  no-op RPC (grpc.health.v1.Health/Check):           {result['noop']:9.0f} calls/s")
-    print("    (same server and interceptors; but health is excluded from tracing)")
-    print(f"  traced RPC without I/O (QuoteCost):                {result['quote']:9.0f} calls/s")
-    print(f"  ratio mutations/no-op health (goal >= 0.7):        {result['mutations'] / result['noop']:9.2f}")
-    print(f"  ratio mutations/traced RPC without I/O:            {result['mutations'] / result['quote']:9.2f}")
+    print("  every call carries a trace context, as calls through the gateway do, so all of them are traced")
+    print(f"  ledger mutations (ReserveHold/CaptureHold):        {rates['mutations']:9.0f} calls/s")
+    print(f"  no-op RPC (grpc.health.v1.Health/Check):           {rates['noop']:9.0f} calls/s")
+    print(f"  ratio mutations/no-op (goal >= 0.7):               {rates['mutations'] / rates['noop']:9.2f}  "
+          f"(per round {low:.2f}..{high:.2f})")  # fmt: skip
+    print(f"  bare probe (Health/Check, untraced):               {rates['probe']:9.0f} calls/s")
+    print(f"  ratio mutations/bare probe:                        {rates['mutations'] / rates['probe']:9.2f}  "
+          "(the span's cost included)")  # fmt: skip
     print(f"  Redis EVALSHA+EVAL per mutation (goal 1):          {scripts / count:9.3f}")
     print(f"  Redis requests per mutation, total_reads_processed: {commands['reads'] / count:9.3f}")
     print(f"  Redis commands per mutation, total_commands_processed (incl. those run by the script): "
           f"{commands['total'] / count:.3f}")  # fmt: skip
     print(f"    ({count} mutations; commands during them: {listed})")
     print(f"  Redis time in EVALSHA per mutation:                {commands.get('evalsha_usec', 0) / count:9.0f} us")
-    for kind, calls in (("mutation", count), ("no-op", result["noop_count"])):
-        service, client = cpu["mutations" if kind == "mutation" else "noop"]
-        print(f"  CPU per {kind:8} service / bench client:          {service / calls * 1e6:5.0f} / "
-              f"{client / calls * 1e6:.0f} us")  # fmt: skip
+    print("  CPU per call, service / bench client / Redis server (2 cores shared by all three):")
+    for mode, label in (("mutations", "mutation"), ("noop", "no-op"), ("probe", "bare probe")):
+        service, bench_client, redis_server = cpu_us[mode]
+        print(f"    {label:10}  {service:5.0f} / {bench_client:4.0f} / {redis_server:4.0f} us")
 
 
 if __name__ == "__main__":
