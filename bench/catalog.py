@@ -210,7 +210,8 @@ def main() -> None:
     print(f"    ratio resolve/no-op:                     {ratio:9.2f}  (goal >= 0.8; ", end="")
     print(f"per round {warm['ratio_min']:.2f}..{warm['ratio_max']:.2f})")
     print(f"    bare probe (Health/Check, untraced):     {warm['probe']:9.0f} calls/s")
-    print(f"    ratio resolve/bare probe:                {warm['resolve'] / warm['probe']:9.2f}  (the span's cost included)")
+    bare = warm["resolve"] / warm["probe"]
+    print(f"    ratio resolve/bare probe:                {bare:9.2f}  (the span's cost included)")
     print(f"  mixed Resolve/Get/List/Validate for {mixed['elapsed']:.0f}s, TTL {MIXED_TTL_SECONDS:g}s:")
     print(f"    throughput:                              {mixed['per_second']:9.0f} calls/s")
     print(f"    hit ratio hits/(hits+misses):            {mixed['hit_ratio']:9.4f}  ", end="")

@@ -39,7 +39,7 @@ ESTIMATE = 10  # points held and then charged by each reserve/capture pair
 CREDIT = 10**9  # qoints given to every user first, far more than the bench spends
 
 
-def start_service(redis_url: str, port: int, log_path: str) -> subprocess.Popen[bytes]:
+def start_service(redis_url: str, port: int, log_path: str, module: str = "services.points") -> subprocess.Popen[bytes]:
     env = dict(
         os.environ,
         PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "gen")]),
@@ -47,7 +47,7 @@ def start_service(redis_url: str, port: int, log_path: str) -> subprocess.Popen[
         POINTS_LISTEN_ADDR=f"127.0.0.1:{port}",
     )
     with open(log_path, "wb") as log:
-        return subprocess.Popen([sys.executable, "-m", "services.points"], cwd=ROOT, env=env, stdout=log, stderr=log)
+        return subprocess.Popen([sys.executable, "-m", *module.split()], cwd=ROOT, env=env, stdout=log, stderr=log)
 
 
 async def wait_serving(channel: grpc.aio.Channel, process: subprocess.Popen[bytes], within: float = 20.0) -> None:
@@ -139,8 +139,10 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def measure(redis_url: str, port: int, log_path: str, redis_pid: int) -> dict[str, Any]:
-    process = start_service(redis_url, port, log_path)
+async def measure(
+    redis_url: str, port: int, log_path: str, redis_pid: int, module: str = "services.points", bare: bool = True
+) -> dict[str, Any]:
+    process = start_service(redis_url, port, log_path, module)
     client = redis.Redis.from_url(redis_url)
     try:
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
@@ -167,8 +169,9 @@ async def measure(redis_url: str, port: int, log_path: str, redis_pid: int) -> d
         modes: dict[str, list[Callable[[], Awaitable[object]]]] = {
             "mutations": list(mutators),
             "noop": [lambda: health.Check(probe, timeout=10, metadata=traceparent())] * CONCURRENCY,
-            "probe": [lambda: health.Check(probe, timeout=10)] * CONCURRENCY,
         }
+        if bare:
+            modes["probe"] = [lambda: health.Check(probe, timeout=10)] * CONCURRENCY
         for workers in modes.values():  # warm up (and load the script)
             await closed_loop(workers, 0.5)
         rates: dict[str, list[float]] = {mode: [] for mode in modes}
@@ -214,12 +217,25 @@ async def measure(redis_url: str, port: int, log_path: str, redis_pid: int) -> d
     }
 
 
+VARIANTS = (
+    ("canned", "without the ledger: replies from memory, no Redis"),
+    ("echo", "one EVALSHA of a script that only GETs the reply"),
+)
+
+
 def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-points-") as tmp:
         server = RedisServer(os.path.join(tmp, "redis")).start()
         assert server.process is not None
         try:
-            result = asyncio.run(measure(server.url, free_port(), os.path.join(tmp, "points.log"), server.process.pid))
+            log = os.path.join(tmp, "points.log")
+            result = asyncio.run(measure(server.url, free_port(), log, server.process.pid))
+            variants = {
+                mode: asyncio.run(
+                    measure(server.url, free_port(), log, server.process.pid, f"bench.points_variant {mode}", False)
+                )
+                for mode, _ in VARIANTS
+            }
         finally:
             server.stop()
     rates, commands, cpu_us = result["rates"], result["commands"], result["cpu_us"]
@@ -248,6 +264,13 @@ def main() -> None:
     for mode, label in (("mutations", "mutation"), ("noop", "no-op"), ("probe", "bare probe")):
         service, bench_client, redis_server = cpu_us[mode]
         print(f"    {label:10}  {service:5.0f} / {bench_client:4.0f} / {redis_server:4.0f} us")
+    print("  the same mutations with the ledger cut down (bench/points_variant.py), ratio to the no-op:")
+    for mode, what in VARIANTS:
+        variant = variants[mode]
+        service, bench_client, redis_server = variant["cpu_us"]["mutations"]
+        ratio = variant["rates"]["mutations"] / variant["rates"]["noop"]
+        cpu = f"{service:5.0f} / {bench_client:4.0f} / {redis_server:4.0f} us"
+        print(f"    {mode:7} {ratio:5.2f}  CPU per mutation {cpu}  ({what})")
 
 
 if __name__ == "__main__":

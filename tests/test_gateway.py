@@ -591,3 +591,8 @@ async def test_trace_continues_from_http_to_the_grpc_server(
     assert http_server is not None and http_server.kind == SpanKind.SERVER, [s.name for s in ours()]
     assert http_server.parent is not None and format(http_server.parent.span_id, "016x") == parent_id
     assert http_server.parent.is_remote
+    # Inside the service: one span for the ledger's script call, no span per Redis command.
+    ledger = [s for s in by_id.values() if s.name == "ledger read"]
+    assert [s.parent.span_id if s.parent else None for s in ledger] == [grpc_server.context.span_id], by_id
+    assert ledger[0].kind == SpanKind.CLIENT and ledger[0].attributes["db.system"] == "redis"
+    assert not any(s.name.startswith("EVAL") for s in by_id.values()), [s.name for s in by_id.values()]

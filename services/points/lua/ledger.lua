@@ -18,7 +18,7 @@ local NOW = P.now
 local PFX = P.pfx
 local K_ACCT, K_OPEN, K_TX, K_IDEM = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 
-local function fmt(n) return string.format('%.0f', n) end
+local function fmt(n) return string.format('%d', n) end
 
 local function out(v)
   if type(v) == 'number' then return fmt(v) end

@@ -1,0 +1,81 @@
+"""`python -m bench.points_variant MODE`: the points service with its ledger cut down, to take the
+ratio of bench/points apart. Benchmark code only; the product has no such switch.
+
+The real service (same bootstrap, interceptors, servicer, validation and conversion) serves every
+RPC, but ReserveHold and CaptureHold get replies recorded from one real reserve and capture made at
+start-up, instead of running the ledger script:
+
+- ``canned``: the reply comes from memory. No Redis at all: what the RPC costs without the ledger.
+- ``echo``: the reply comes back through a real EVALSHA, with the same keys and arguments as the
+  ledger's call and inside the same span, of a script that only reads the recorded reply from one
+  key: what one Redis round trip through redis-py costs, with a script that does no work.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from opentelemetry.instrumentation.utils import suppress_instrumentation
+
+from common.bootstrap import Service
+from common.main import run
+from services.points.config import PointsConfig
+from services.points.server import build
+
+MODES = ("canned", "echo")
+USER = "bench-variant"
+Run = Callable[..., Awaitable[Any]]
+
+
+async def _record(ledger: Any) -> dict[str, Any]:
+    """One real reserve and capture, whose replies every later call gets."""
+    await ledger.credit(USER, uuid.uuid4().hex, "fp", qoints=10**6, reference=uuid.uuid4().hex, source="GRANT", memo="")
+    reserved = await ledger.reserve(USER, uuid.uuid4().hex, "fp", run_id="", estimate=10, ttl_ms=600_000)
+    captured = await ledger.capture(USER, uuid.uuid4().hex, "fp", hold_id=reserved["hold"]["id"], cost=10)
+    return {"reserve": reserved, "capture": captured}
+
+
+async def cut_down(ledger: Any, mode: str, replies: dict[str, Any]) -> Run:
+    real: Run = ledger._run
+    for op, reply in replies.items():
+        await ledger.redis.set(f"bench:variant:{op}", json.dumps(reply))
+    echo = ledger.redis.register_script("return redis.call('GET', ARGV[3])")
+
+    async def _run(user_id: str, request: dict[str, Any], rpc: str = "", request_id: str = "") -> Any:
+        op = request.get("op")
+        if op not in replies:
+            return await real(user_id, request, rpc, request_id)
+        if mode == "canned":
+            return replies[op]
+        # The ledger's own call, with its span, keys and arguments; only the script differs.
+        pfx = f"pts:{{{user_id}}}"
+        keys = (f"{pfx}:acct", f"{pfx}:open", f"{pfx}:tx", f"{pfx}:idem:{rpc}:{request_id}")
+        args = [ledger._params(user_id), json.dumps(request), f"bench:variant:{op}"]
+        with ledger._tracer.start_as_current_span(f"ledger {op}", attributes=ledger._span_attributes):
+            with suppress_instrumentation():
+                raw = await ledger._unavailable_guard(echo(keys=keys, args=args))
+        return json.loads(raw)
+
+    return _run
+
+
+def main() -> None:
+    mode = sys.argv[1] if len(sys.argv) > 1 else ""
+    if mode not in MODES:
+        raise SystemExit(f"usage: python -m bench.points_variant {{{'|'.join(MODES)}}}")
+
+    async def build_variant(config: PointsConfig) -> Service:
+        service = await build(config)
+        ledger = service.ledger  # type: ignore[attr-defined]
+        ledger._run = await cut_down(ledger, mode, await _record(ledger))
+        return service
+
+    run("points", PointsConfig, build_variant)
+
+
+if __name__ == "__main__":
+    main()
