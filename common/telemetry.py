@@ -3,7 +3,8 @@
 A ``TracerProvider`` named after the service; W3C TraceContext and Baggage propagation; OTLP export
 only when ``OTEL_EXPORTER_OTLP_ENDPOINT`` is set (the exporter reads the standard ``OTEL_*``
 variables itself); nothing exported otherwise. Redis and httpx clients are instrumented here so every
-outbound call joins the caller's trace. Health and reflection RPCs stay out of traces unless the
+outbound call joins the caller's trace (the points ledger records one span per script call instead of
+the per-command span: docs/decisions/0008). Health and reflection RPCs stay out of traces unless the
 caller sends a trace context (see ``_traced``).
 """
 
