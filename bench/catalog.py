@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -34,7 +33,7 @@ from common.redis_server import RedisServer, free_port
 from stationthis.workflows.v1 import workflows_service_pb2 as rpc
 from stationthis.workflows.v1 import workflows_service_pb2_grpc
 
-from .common_load import ROOT, rate, traceparent
+from .common_load import ROOT, rate, stop, traceparent, wait_serving
 from .upstream import API_KEY, start_emulator
 
 CONCURRENCY = 32
@@ -70,31 +69,6 @@ def start_service(redis_url: str, api_url: str, **extra: str) -> tuple[subproces
     return process, f"127.0.0.1:{port}"
 
 
-def stop(process: subprocess.Popen[bytes]) -> None:
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(10)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-
-
-async def wait_serving(process: subprocess.Popen[bytes], channel: grpc.aio.Channel) -> None:
-    health = health_pb2_grpc.HealthStub(channel)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError("the workflows service exited at start-up")
-        try:
-            reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=1)
-            if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                return
-        except grpc.aio.AioRpcError:
-            pass
-        await asyncio.sleep(0.05)
-    raise RuntimeError("the workflows service was not SERVING within 20 s")
-
-
 async def upstream_calls(http: httpx.AsyncClient) -> int:
     """Listing requests (deployments and machines) the emulator has received."""
     routes: dict[str, int] = (await http.get("/_emulator/stats")).json()["routes"]
@@ -105,7 +79,7 @@ async def warm_lookup(redis_url: str, api_url: str) -> dict[str, float]:
     process, address = start_service(redis_url, api_url)
     try:
         async with grpc.aio.insecure_channel(address) as channel:
-            await wait_serving(process, channel)
+            await wait_serving(channel, process)
             health = health_pb2_grpc.HealthStub(channel)
             stub = workflows_service_pb2_grpc.WorkflowsServiceStub(channel)
             request = rpc.ResolveWorkflowRequest(name="/make")
@@ -145,7 +119,7 @@ async def mixed_load(redis_url: str, api_url: str) -> dict[str, float]:
             grpc.aio.insecure_channel(address) as channel,
             httpx.AsyncClient(base_url=api_url.removesuffix("/api"), timeout=10, trust_env=False) as http,
         ):
-            await wait_serving(process, channel)
+            await wait_serving(channel, process)
             stub = workflows_service_pb2_grpc.WorkflowsServiceStub(channel)
             counter = itertools.count()
             validate = rpc.ValidateInputsRequest(workflow_id=TEXT2IMG)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -29,7 +28,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from common.redis_server import RedisServer, free_port
 from stationthis.points.v1 import points_pb2, points_service_pb2, points_service_pb2_grpc
 
-from .common_load import ROOT, traceparent
+from .common_load import ROOT, closed_loop, stop, traceparent, wait_serving
 
 CONCURRENCY = 32
 USERS_PER_WORKER = 8
@@ -48,38 +47,6 @@ def start_service(redis_url: str, port: int, log_path: str, module: str = "servi
     )
     with open(log_path, "wb") as log:
         return subprocess.Popen([sys.executable, "-m", *module.split()], cwd=ROOT, env=env, stdout=log, stderr=log)
-
-
-async def wait_serving(channel: grpc.aio.Channel, process: subprocess.Popen[bytes], within: float = 20.0) -> None:
-    stub = health_pb2_grpc.HealthStub(channel)
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"the points service exited with {process.returncode}")
-        try:
-            reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
-            if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                return
-        except grpc.aio.AioRpcError:
-            pass
-        await asyncio.sleep(0.05)
-    raise RuntimeError(f"the points service was not SERVING within {within}s")
-
-
-async def closed_loop(workers: list[Callable[[], Awaitable[object]]], seconds: float) -> float:
-    """Calls per second completed by the workers (one coroutine each) calling back to back."""
-    done = 0
-    deadline = time.perf_counter() + seconds
-
-    async def loop(call: Callable[[], Awaitable[object]]) -> None:
-        nonlocal done
-        while time.perf_counter() < deadline:
-            await call()
-            done += 1
-
-    start = time.perf_counter()
-    await asyncio.gather(*(loop(call) for call in workers))
-    return done / (time.perf_counter() - start)
 
 
 class Mutator:
@@ -201,11 +168,7 @@ async def measure(
                 commands["info"] = commands.get("info", 0) - 2
         await channel.close()
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        stop(process)
         client.close()
     ratios = sorted(m / n for m, n in zip(rates["mutations"], rates["noop"], strict=True))
     return {

@@ -19,8 +19,6 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from opentelemetry.instrumentation.utils import suppress_instrumentation
-
 from common.bootstrap import Service
 from common.main import run
 from services.points.config import PointsConfig
@@ -52,13 +50,9 @@ async def cut_down(ledger: Any, mode: str, replies: dict[str, Any]) -> Run:
         if mode == "canned":
             return replies[op]
         # The ledger's own call, with its span, keys and arguments; only the script differs.
-        pfx = f"pts:{{{user_id}}}"
-        keys = (f"{pfx}:acct", f"{pfx}:open", f"{pfx}:tx", f"{pfx}:idem:{rpc}:{request_id}")
+        keys = ledger._keys(user_id, rpc, request_id)
         args = [ledger._params(user_id), json.dumps(request), f"bench:variant:{op}"]
-        with ledger._tracer.start_as_current_span(f"ledger {op}", attributes=ledger._span_attributes):
-            with suppress_instrumentation():
-                raw = await ledger._unavailable_guard(echo(keys=keys, args=args))
-        return json.loads(raw)
+        return json.loads(await ledger._eval(echo, op, keys, args))
 
     return _run
 

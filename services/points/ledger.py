@@ -158,23 +158,30 @@ class RedisLedger:
     def _params(self, user_id: str) -> str:
         return json.dumps({**self._static_params, "now": self.clock.now_ms(), "user": user_id, "pfx": prefix(user_id)})
 
-    async def _run(self, user_id: str, request: dict[str, Any], rpc: str = "", request_id: str = "") -> Any:
+    @staticmethod
+    def _keys(user_id: str, rpc: str, request_id: str) -> Sequence[str]:
+        """The script's KEYS: account, open holds, ledger and the request's idempotency key."""
         pfx = prefix(user_id)
         idem = f"{pfx}:idem:{rpc}:{request_id}" if rpc else ""
-        keys: Sequence[str] = (f"{pfx}:acct", f"{pfx}:open", f"{pfx}:tx", idem)
-        args = [self._params(user_id), json.dumps(request)]
-        # One span for the script call, named by ledger operation. The Redis instrumentation's own
-        # span per command is suppressed here: it formats every argument (our JSON) on each call
-        # and cost more CPU than the rest of a ledger mutation (docs/decisions/0008).
-        with self._tracer.start_as_current_span(
-            f"ledger {request['op']}", kind=trace.SpanKind.CLIENT, attributes=self._span_attributes
-        ):
-            with suppress_instrumentation():
-                raw = await self._unavailable_guard(self._script(keys=keys, args=args))
+        return (f"{pfx}:acct", f"{pfx}:open", f"{pfx}:tx", idem)
+
+    async def _run(self, user_id: str, request: dict[str, Any], rpc: str = "", request_id: str = "") -> Any:
+        keys = self._keys(user_id, rpc, request_id)
+        raw = await self._eval(self._script, request["op"], keys, [self._params(user_id), json.dumps(request)])
         result = json.loads(raw)
         if isinstance(result, dict) and "error" in result:
             _raise(result)
         return result
+
+    async def _eval(self, script: Any, op: str, keys: Sequence[str], args: list[str]) -> Any:
+        """One script call, in one span named by ledger operation. The Redis instrumentation's own
+        span per command is suppressed here: it formats every argument (our JSON) on each call and
+        cost more CPU than the rest of a ledger mutation (docs/decisions/0008)."""
+        with self._tracer.start_as_current_span(
+            f"ledger {op}", kind=trace.SpanKind.CLIENT, attributes=self._span_attributes
+        ):
+            with suppress_instrumentation():
+                return await self._unavailable_guard(script(keys=keys, args=args))
 
     async def _unavailable_guard(self, call: Awaitable[Any]) -> Any:
         try:

@@ -63,14 +63,18 @@ class WorkflowsServicer(workflows_service_pb2_grpc.WorkflowsServiceServicer):
             else "",
         )
 
-    async def GetWorkflow(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def _by_id(self, request: Any) -> tuple[Any, Any, Any]:
+        """The catalog, the workflow a request names by id and its deployment in the environment."""
         check = Violations()
         check.text("workflow_id", request.workflow_id, MAX_ID, required=True)
         _environment(check, request.environment)
         check.check()
         index = await self.cache.index()
         workflow = index.get(request.workflow_id)
-        deployment = index.deployment_for(workflow, request.environment)
+        return index, workflow, index.deployment_for(workflow, request.environment)
+
+    async def GetWorkflow(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        index, workflow, deployment = await self._by_id(request)
         return workflows_service_pb2.GetWorkflowResponse(workflow=index.render(workflow, deployment))
 
     async def ResolveWorkflow(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -99,13 +103,7 @@ class WorkflowsServicer(workflows_service_pb2_grpc.WorkflowsServiceServicer):
         return answer
 
     async def ValidateInputs(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        check = Violations()
-        check.text("workflow_id", request.workflow_id, MAX_ID, required=True)
-        _environment(check, request.environment)
-        check.check()
-        index = await self.cache.index()
-        workflow = index.get(request.workflow_id)
-        deployment = index.deployment_for(workflow, request.environment)
+        _, workflow, deployment = await self._by_id(request)
         given = json_format.MessageToDict(request.inputs)
         complete, defaulted = validate_inputs(
             deployment["inputs"],
