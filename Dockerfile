@@ -23,6 +23,7 @@ RUN mkdir -p gen \
         $(find protos -name '*.proto')
 
 COPY common ./common
+COPY comfydeploy ./comfydeploy
 COPY services ./services
 COPY gateway ./gateway
 

@@ -16,9 +16,9 @@ export PYTHONPATH := $(CURDIR):$(CURDIR)/$(GEN)
 
 venv: $(STAMP)
 
-$(STAMP): requirements.txt constraints.txt
+$(STAMP): requirements.txt requirements-dev.txt constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt -c constraints.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt -c constraints.txt
 	@touch $@
 
 protos: $(GEN_STAMP)
@@ -30,7 +30,7 @@ $(GEN_STAMP): $(STAMP) $(PROTOS)
 	@touch $@
 
 run: protos
-	$(PY) -m common.launcher
+	$(PY) -m devtools.launcher
 
 test: protos
 	$(PY) -m pytest $(PYTEST_ARGS)

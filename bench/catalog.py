@@ -29,7 +29,7 @@ import httpx
 import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from common.redis_server import RedisServer, free_port
+from devtools.redis_server import RedisServer, free_port
 from stationthis.workflows.v1 import workflows_service_pb2 as rpc
 from stationthis.workflows.v1 import workflows_service_pb2_grpc
 

@@ -21,7 +21,7 @@ import httpx
 from google.protobuf import duration_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from common.redis_server import RedisServer, free_port
+from devtools.redis_server import RedisServer, free_port
 from stationthis.points.v1 import points_service_pb2, points_service_pb2_grpc
 from stationthis.type.v1 import gpu_pb2
 

@@ -25,7 +25,7 @@ import grpc
 import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from common.redis_server import RedisServer, free_port
+from devtools.redis_server import RedisServer, free_port
 from stationthis.points.v1 import points_pb2, points_service_pb2, points_service_pb2_grpc
 
 from .common_load import ROOT, closed_loop, stop, traceparent, wait_serving

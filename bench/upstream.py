@@ -18,8 +18,8 @@ from typing import Any
 
 import httpx
 
-from common.comfydeploy import ComfyDeployClient
-from common.redis_server import free_port
+from comfydeploy import ComfyDeployClient
+from devtools.redis_server import free_port
 
 from .common_load import ROOT, rate
 

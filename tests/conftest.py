@@ -15,7 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from common.bootstrap import GrpcServer, Service
 from common.config import ServerConfig, load
-from common.redis_server import RedisServer
+from devtools.redis_server import RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = ServerConfig(log_level="INFO", grace_seconds=5.0, health_interval_seconds=0.05)

@@ -17,7 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from common import logs
 from common.bootstrap import GrpcServer, Probe, redis_probe
 from common.redis_client import connect
-from common.redis_server import RedisServer, free_port
+from devtools.redis_server import RedisServer, free_port
 from tests.conftest import FAST, PYTHON, ROOT, python_env
 from tests.support import TEST_SERVICE, make_test_service, rpc_details
 

@@ -18,8 +18,7 @@ import pytest
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
-from common import errors as domain
-from common.comfydeploy import (
+from comfydeploy import (
     BreakerState,
     ComfyDeployClient,
     DeadlineExceeded,
@@ -35,9 +34,10 @@ from common.comfydeploy import (
     ValidationFailed,
     to_domain_error,
 )
-from common.comfydeploy import errors as cd_errors
-from common.comfydeploy.models import parse_datetime
-from common.redis_server import free_port
+from comfydeploy import errors as cd_errors
+from comfydeploy.models import parse_datetime
+from common import errors as domain
+from devtools.redis_server import free_port
 from emulator.testing import DEPLOYMENTS, MACHINES, WORKFLOWS, RunningEmulator
 
 RUN_ROUTE = "GET /api/run/{run_id}"

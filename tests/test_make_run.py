@@ -1,6 +1,6 @@
 """`make run`: the launcher starts Redis, the emulator, the three services and the gateway; Ctrl-C stops them all.
 
-The launcher (``python -m common.launcher``, what ``make run`` runs once set up) runs as a real process
+The launcher (``python -m devtools.launcher``, what ``make run`` runs once set up) runs as a real process
 on free loopback ports, with its data (Redis files, the generated API key) in a temporary folder.
 """
 
@@ -21,7 +21,7 @@ from pathlib import Path
 import grpc
 import httpx
 
-from common.redis_server import free_port
+from devtools.redis_server import free_port
 from tests.conftest import PYTHON, ROOT, python_env
 from tests.test_gateway import HTTP_STATUS
 from tests.test_grpcurl import GRPCURL
@@ -144,7 +144,7 @@ def test_make_run_starts_everything_and_ctrl_c_stops_everything(tmp_path: Path) 
     token = "webhook-token-0d1f6a"
 
     process = subprocess.Popen(
-        [PYTHON, "-m", "common.launcher"],
+        [PYTHON, "-m", "devtools.launcher"],
         cwd=ROOT,
         env=environ,
         stdout=subprocess.PIPE,

@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from common.comfydeploy.resilience import (
+from comfydeploy.resilience import (
     BreakerOpen,
     BreakerState,
     CircuitBreaker,

@@ -18,7 +18,7 @@ import grpc
 import httpx
 import pytest
 
-from common.comfydeploy.models import Deployment, Machine
+from comfydeploy.models import Deployment, Machine
 from common.errors import InvalidArgument
 from emulator.testing import DEPLOYMENTS, MACHINES, WORKFLOWS
 from services.workflows import catalog

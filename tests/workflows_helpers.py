@@ -13,8 +13,8 @@ import grpc
 from google.protobuf import json_format
 from google.rpc import error_details_pb2
 
-from common.comfydeploy.client import ComfyDeployClient
-from common.comfydeploy.models import Deployment
+from comfydeploy.client import ComfyDeployClient
+from comfydeploy.models import Deployment
 from emulator.testing import MACHINES, RunningEmulator
 from stationthis.workflows.v1 import workflow_pb2, workflows_service_pb2, workflows_service_pb2_grpc
 from tests.support import expect_failure, rpc_details

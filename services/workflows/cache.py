@@ -28,8 +28,8 @@ import redis.asyncio as aioredis
 import redis.exceptions
 from opentelemetry import metrics
 
-from common.comfydeploy.client import ComfyDeployClient
-from common.comfydeploy.errors import ComfyDeployError
+from comfydeploy.client import ComfyDeployClient
+from comfydeploy.errors import ComfyDeployError
 from common.errors import Unavailable
 
 from .catalog import CatalogIndex, MalformedListing, Routing, build

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 from google.protobuf import json_format, struct_pb2
 
-from common.comfydeploy.models import Deployment, Machine
+from comfydeploy.models import Deployment, Machine
 from common.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound
 from common.proto_time import timestamp_from_ms
 from stationthis.type.v1 import gpu_pb2

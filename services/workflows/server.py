@@ -5,9 +5,9 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+from comfydeploy.client import ComfyDeployClient
 from common import redis_client
 from common.bootstrap import Service, redis_probe
-from common.comfydeploy.client import ComfyDeployClient
 from stationthis.workflows.v1 import workflows_service_pb2, workflows_service_pb2_grpc
 
 from .cache import CacheSettings, CatalogCache

@@ -1,6 +1,6 @@
 """OpenTelemetry metrics for the ComfyUI Deploy client, plus a plain in-process snapshot.
 
-Instruments (meter ``common.comfydeploy``):
+Instruments (meter ``comfydeploy``):
 
 * ``comfydeploy.client.calls`` counter {endpoint, outcome}: one per client method call, after retries.
 * ``comfydeploy.client.duration`` histogram, seconds {endpoint}: the whole call, retries included.
@@ -19,7 +19,7 @@ from typing import Any
 
 from opentelemetry import metrics
 
-METER_NAME = "common.comfydeploy"
+METER_NAME = "comfydeploy"
 
 
 class _Instruments:

@@ -65,7 +65,7 @@ from .resilience import (
     parse_retry_after,
 )
 
-logger = logging.getLogger("common.comfydeploy")
+logger = logging.getLogger("comfydeploy")
 
 T = TypeVar("T")
 
