@@ -19,10 +19,9 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from common.bootstrap import Service
 from common.main import run
 from services.points.config import PointsConfig
-from services.points.server import build
+from services.points.server import PointsApp, build
 
 MODES = ("canned", "echo")
 USER = "bench-variant"
@@ -62,11 +61,11 @@ def main() -> None:
     if mode not in MODES:
         raise SystemExit(f"usage: python -m bench.points_variant {{{'|'.join(MODES)}}}")
 
-    async def build_variant(config: PointsConfig) -> Service:
-        service = await build(config)
-        ledger = service.ledger  # type: ignore[attr-defined]
-        ledger._run = await cut_down(ledger, mode, await _record(ledger))
-        return service
+    async def build_variant(config: PointsConfig) -> PointsApp:
+        app = await build(config)
+        ledger = app.ledger
+        ledger._run = await cut_down(ledger, mode, await _record(ledger))  # type: ignore[method-assign]
+        return app
 
     run("points", PointsConfig, build_variant)
 

@@ -2,8 +2,14 @@
 
 ``GrpcServer`` wires a ``grpc.aio`` server the same way everywhere: interceptors (tracing, logging,
 errors), ``grpc.health.v1`` health that stays NOT_SERVING until the service's dependencies answer,
-server reflection for grpcurl, and a graceful stop (health NOT_SERVING, then ``stop(grace)`` so
-in-flight RPCs finish). ``serve`` runs one until SIGTERM or SIGINT.
+server reflection for grpcurl, the service's background tasks, and a graceful stop (health
+NOT_SERVING, then ``stop(grace)`` so in-flight RPCs finish, then the background tasks are cancelled
+and awaited). ``serve`` runs one until SIGTERM or SIGINT.
+
+Background work (``Background``) belongs to the service and lives exactly as long as its server:
+started once the server is up (``after_serving``: once health first reports SERVING), cancelled and
+awaited on stop. A task that raises is logged and restarted after a capped, jittered backoff; one
+that returns is done. None is ever lost silently.
 """
 
 from __future__ import annotations
@@ -11,10 +17,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import signal
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -39,6 +47,20 @@ class Probe:
     check: Callable[[], Awaitable[Any]]
 
 
+@dataclass(frozen=True)
+class Background:
+    """A long-running task of a service. ``run`` raising is logged and restarted with backoff
+    (``min_backoff`` doubling to ``max_backoff``, full jitter; reset after a run that lasted
+    ``max_backoff``); returning ends it for good. ``after_serving``: start once health is SERVING
+    (else as soon as the server listens, e.g. a warm-up that health waits for)."""
+
+    name: str
+    run: Callable[[], Awaitable[None]]
+    after_serving: bool = True
+    min_backoff: float = 0.5
+    max_backoff: float = 30.0
+
+
 @dataclass
 class Service:
     """What a service brings to the bootstrap."""
@@ -49,6 +71,44 @@ class Service:
     register: Callable[[grpc.aio.Server], None]  # adds the servicers
     probes: Sequence[Probe] = ()
     on_stop: Sequence[Callable[[], Awaitable[Any]]] = field(default_factory=list)
+    background: Sequence[Background] = ()
+
+    @property
+    def service(self) -> Service:
+        """A bare Service is already assembled (see ``Assembled``): what test services return."""
+        return self
+
+
+class Assembled(Protocol):
+    """What a service's ``build(config)`` returns: the ``Service`` for the bootstrap, plus whatever
+    typed parts tests and benchmarks reach into (the ledger, the catalog cache, ...)."""
+
+    @property
+    def service(self) -> Service: ...
+
+
+async def supervise(task: Background, sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+    """Run ``task`` until it returns or is cancelled; restart it after a crash, with backoff."""
+    failures = 0
+    while True:
+        started = time.monotonic()
+        try:
+            await task.run()
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            if time.monotonic() - started >= task.max_backoff:
+                failures = 0  # it ran well for a while: this is a new incident
+            delay = random.uniform(0, min(task.max_backoff, task.min_backoff * 2**failures))  # noqa: S311 (jitter)
+            failures += 1
+            log.exception(
+                "background task %s crashed; restarting in %.2fs",
+                task.name,
+                delay,
+                extra={"task": task.name, "restarts": failures, "delay_seconds": round(delay, 3)},
+            )
+            await sleep(delay)
 
 
 def redis_probe(client: Any, timeout: float = 1.0) -> Probe:
@@ -95,6 +155,8 @@ class GrpcServer:
         )
         self.port = 0
         self._monitor: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._served = False  # health has been SERVING at least once
         self._serving: bool | None = None
         self._stopping = False
 
@@ -105,8 +167,14 @@ class GrpcServer:
             raise RuntimeError(f"could not bind {address}")
         await self._set_all(NOT_SERVING)
         await self.server.start()
+        self._start_background(after_serving=False)
         self._monitor = asyncio.create_task(self._watch_dependencies(), name=f"{self.service.name}-health")
         return self.port
+
+    def _start_background(self, after_serving: bool) -> None:
+        for task in self.service.background:
+            if task.after_serving == after_serving:
+                self._tasks.append(asyncio.create_task(supervise(task), name=f"{self.service.name}-{task.name}"))
 
     async def check_dependencies(self) -> list[str]:
         """Names and errors of the dependencies that do not answer now (empty = all healthy)."""
@@ -136,6 +204,9 @@ class GrpcServer:
                 await self._set_all(SERVING if serving else NOT_SERVING)
                 if serving:
                     log.info("dependencies answer; health is SERVING")
+                    if not self._served:
+                        self._served = True
+                        self._start_background(after_serving=True)
                 else:
                     log.warning("health is NOT_SERVING", extra={"failing": failures})
             await asyncio.sleep(self.config.health_interval_seconds)
@@ -155,6 +226,11 @@ class GrpcServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._monitor
         await self.server.stop(self.config.grace_seconds if grace is None else grace)
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         for hook in self.service.on_stop:
             try:
                 await hook()

@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Protocol, TypeVar
 
 from . import logs, telemetry
-from .bootstrap import Service, serve
+from .bootstrap import Assembled, serve
 from .config import ConfigError, ServerConfig, load, secrets_of
 
 
@@ -41,14 +41,14 @@ def prepare(name: str, config_cls: type[T], environ: Mapping[str, str] | None = 
 def run(
     name: str,
     config_cls: type[C],
-    build: Callable[[C], Awaitable[Service]],
+    build: Callable[[C], Awaitable[Assembled]],
     environ: Mapping[str, str] | None = None,
 ) -> None:
     """Start service ``name`` and serve it until SIGTERM or SIGINT."""
     config, server_config = prepare(name, config_cls, environ)
 
     async def main() -> None:
-        service = await build(config)
-        await serve(service, config.listen_addr, server_config)
+        assembled = await build(config)
+        await serve(assembled.service, config.listen_addr, server_config)
 
     asyncio.run(main())

@@ -13,7 +13,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from common.bootstrap import GrpcServer, Service
+from common.bootstrap import Assembled, GrpcServer
 from common.config import ServerConfig, load
 from devtools.redis_server import RedisServer
 
@@ -45,6 +45,7 @@ class Running:
     server: GrpcServer
     address: str
     channel: grpc.aio.Channel
+    app: Any  # what the service's build() returned (PointsApp, WorkflowsApp, ...)
 
     async def health(self, service: str = "") -> int:
         reply = await health_pb2_grpc.HealthStub(self.channel).Check(
@@ -65,7 +66,7 @@ async def wait_serving(running: Running, service: str = "", timeout: float = 10.
     raise AssertionError(f"{service or 'server'} not SERVING within {timeout}s")
 
 
-StartService = Callable[[Callable[[Any], Awaitable[Service]], type, dict[str, str]], Awaitable[Running]]
+StartService = Callable[[Callable[[Any], Awaitable[Assembled]], type, dict[str, str]], Awaitable[Running]]
 
 
 @pytest.fixture
@@ -73,11 +74,12 @@ async def start_service() -> AsyncIterator[StartService]:
     """Start a service the way its process does, but in-process on 127.0.0.1:0."""
     started: list[Running] = []
 
-    async def start(build: Callable[[Any], Awaitable[Service]], config_cls: type, environ: dict[str, str]) -> Running:
+    async def start(build: Callable[[Any], Awaitable[Assembled]], config_cls: type, environ: dict[str, str]) -> Running:
         config = load(config_cls, environ)
-        server = GrpcServer(await build(config), FAST)
+        app = await build(config)
+        server = GrpcServer(app.service, FAST)
         port = await server.start("127.0.0.1:0")
-        running = Running(server, f"127.0.0.1:{port}", grpc.aio.insecure_channel(f"127.0.0.1:{port}"))
+        running = Running(server, f"127.0.0.1:{port}", grpc.aio.insecure_channel(f"127.0.0.1:{port}"), app)
         started.append(running)
         return running
 

@@ -26,9 +26,9 @@ async def _die() -> None:
 
 async def main() -> None:
     config = load(PointsConfig, os.environ)
-    service = await build(config)
-    service.ledger.after_transfer_debit = _die  # type: ignore[attr-defined]
-    await serve(service, config.listen_addr, ServerConfig(grace_seconds=1.0, health_interval_seconds=0.05))
+    app = await build(config)
+    app.ledger.after_transfer_debit = _die
+    await serve(app.service, config.listen_addr, ServerConfig(grace_seconds=1.0, health_interval_seconds=0.05))
 
 
 if __name__ == "__main__":

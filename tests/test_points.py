@@ -84,7 +84,7 @@ class Points:
     stub: points_service_pb2_grpc.PointsServiceStub
     clock: FakeClock
     redis: aioredis.Redis
-    service: Any
+    app: Any  # PointsApp
 
     async def account(self, user: str) -> pb.Account:
         return (await self.stub.GetAccount(rpc.GetAccountRequest(user_id=user), timeout=10)).account
@@ -181,7 +181,7 @@ async def make_points(redis_url, start_service):
         client = redis_client.connect(redis_url)
         clients.append(client)
         stub = points_service_pb2_grpc.PointsServiceStub(running.channel)
-        return Points(stub, clock, client, running.server.service)
+        return Points(stub, clock, client, running.app)
 
     yield make
     for client in clients:
@@ -839,13 +839,13 @@ async def test_interrupted_transfer_is_finished_by_a_retry(points):
     async def boom() -> None:
         raise RuntimeError("interrupted")
 
-    points.service.ledger.after_transfer_debit = boom
+    points.app.ledger.after_transfer_debit = boom
     key = rid()
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await points.transfer("alice", "bob", 30, request_id=key)
     assert caught.value.code() == grpc.StatusCode.INTERNAL
     assert ((await points.account("alice")).qoints, (await points.account("bob")).qoints) == (70, 0)
-    points.service.ledger.after_transfer_debit = None
+    points.app.ledger.after_transfer_debit = None
     reply = await points.transfer("alice", "bob", 30, request_id=key)
     assert (reply.from_account.qoints, reply.to_account.qoints) == (70, 30)
     again = await points.transfer("alice", "bob", 30, request_id=key)
@@ -1200,13 +1200,13 @@ async def test_reused_request_id_keeps_an_interrupted_transfer_recoverable(point
     async def boom() -> None:
         raise RuntimeError("interrupted")
 
-    points.service.ledger.after_transfer_debit = boom
+    points.app.ledger.after_transfer_debit = boom
     key = rid()
     with pytest.raises(grpc.aio.AioRpcError):
         await points.transfer("alice", "bob", 30, request_id=key)
-    points.service.ledger.after_transfer_debit = None
+    points.app.ledger.after_transfer_debit = None
     await fails(points.transfer("alice", "bob", 31, request_id=key), INVALID, "REQUEST_ID_REUSED")
-    assert await points.service.ledger.recover_transfers(older_than_ms=0) == 1
+    assert await points.app.ledger.recover_transfers(older_than_ms=0) == 1
     assert ((await points.account("alice")).qoints, (await points.account("bob")).qoints) == (70, 30)
 
 

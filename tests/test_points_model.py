@@ -64,7 +64,7 @@ class ServiceThread:
         env = {"REDIS_URL": redis_url, "POINTS_TRANSFER_RECOVERY_SECONDS": "3600"}
 
         async def start() -> tuple[GrpcServer, int]:
-            server = GrpcServer(await build(load(PointsConfig, env), clock=clock), FAST)
+            server = GrpcServer((await build(load(PointsConfig, env), clock=clock)).service, FAST)
             return server, await server.start("127.0.0.1:0")
 
         self.server, self.port = self.run(start())

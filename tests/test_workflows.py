@@ -190,10 +190,10 @@ async def make_replica(redis_url, start_service, emulator):
                 client = GatedClient(
                     config.comfydeploy_api_url, config.comfydeploy_api_key, upstream, **(client_options or {})
                 )
-            service = await build(config, clock=clock, upstream=client)
+            app = await build(config, clock=clock, upstream=client)
             if client is not None:
-                service.on_stop = [*service.on_stop, client.aclose]
-            return service
+                app.service.on_stop = [*app.service.on_stop, client.aclose]
+            return app
 
         running = await start_service(builder, WorkflowsConfig, environ)
         await wait_serving(running)

@@ -106,7 +106,7 @@ class Replica:
 
     @property
     def cache(self) -> Any:
-        return self.running.server.service.cache
+        return self.running.app.cache
 
     async def stats(self) -> W.CatalogStats:
         return (await self.stub.GetCatalogStats(rpc.GetCatalogStatsRequest(), timeout=30)).stats

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import grpc
 
 from common import redis_client, telemetry
@@ -17,7 +19,12 @@ POINTS_SERVICE = "stationthis.points.v1.PointsService"
 WORKFLOWS_SERVICE = "stationthis.workflows.v1.WorkflowsService"
 
 
-async def build(config: ComfyUIConfig) -> Service:
+@dataclass(frozen=True)
+class ComfyUIApp:
+    service: Service
+
+
+async def build(config: ComfyUIConfig) -> ComfyUIApp:
     redis = redis_client.connect(config.redis_url)
     points = grpc.aio.insecure_channel(config.points_service_addr, interceptors=telemetry.client_interceptors())
     workflows = grpc.aio.insecure_channel(config.workflows_service_addr, interceptors=telemetry.client_interceptors())
@@ -28,7 +35,7 @@ async def build(config: ComfyUIConfig) -> Service:
         await workflows.close()
         await redis.aclose()
 
-    return Service(
+    service = Service(
         name="comfyui",
         domain=DOMAIN,
         service_names=[SERVICE_NAME],
@@ -40,3 +47,4 @@ async def build(config: ComfyUIConfig) -> Service:
         ],
         on_stop=[close],
     )
+    return ComfyUIApp(service)

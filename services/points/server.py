@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
+from dataclasses import dataclass
 
 from common import redis_client
-from common.bootstrap import Service, redis_probe
+from common.bootstrap import Background, Service, redis_probe
 from common.errors import DomainError
 from stationthis.points.v1 import points_service_pb2, points_service_pb2_grpc
 
@@ -34,17 +34,19 @@ async def sweep_transfers(ledger: RedisLedger, every_seconds: int) -> None:
         await asyncio.sleep(every_seconds)
 
 
-async def build(config: PointsConfig, clock: Clock | None = None) -> Service:
+@dataclass(frozen=True)
+class PointsApp:
+    service: Service
+    ledger: RedisLedger
+
+
+async def build(config: PointsConfig, clock: Clock | None = None) -> PointsApp:
     redis = redis_client.connect(config.redis_url)
     economy = config.economy()
     ledger = RedisLedger(redis, LedgerSettings(economy=economy, max_open_holds=config.max_open_holds), clock)
     servicer = PointsServicer(ledger, economy, config.hold_estimate, config.hold_ttl_seconds)
-    sweeper = asyncio.create_task(sweep_transfers(ledger, config.transfer_recovery_seconds), name="transfer-sweep")
 
     async def close() -> None:
-        sweeper.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await sweeper
         await redis.aclose()
 
     service = Service(
@@ -54,6 +56,8 @@ async def build(config: PointsConfig, clock: Clock | None = None) -> Service:
         register=lambda server: points_service_pb2_grpc.add_PointsServiceServicer_to_server(servicer, server),
         probes=[redis_probe(redis)],
         on_stop=[close],
+        background=[
+            Background("transfer-sweep", lambda: sweep_transfers(ledger, config.transfer_recovery_seconds)),
+        ],
     )
-    service.ledger = ledger  # type: ignore[attr-defined]  # for tests and benchmarks
-    return service
+    return PointsApp(service, ledger)

@@ -162,9 +162,9 @@ class CatalogCache:
             self._refreshing.add_done_callback(_consume)
         return self._refreshing
 
-    def warm(self) -> None:
-        """Start loading the catalog now (in the background), unless a fresh one is shared already."""
-        self._start_refresh()
+    async def warm_up(self) -> None:
+        """Load the catalog now, unless a fresh one is shared already (a background task at start-up)."""
+        await asyncio.shield(self._start_refresh())
 
     async def refresh(self) -> CatalogIndex:
         """RefreshCatalog: reload from ComfyUI Deploy now (joining a refresh already running)."""

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from comfydeploy.client import ComfyDeployClient
 from common import redis_client
-from common.bootstrap import Service, redis_probe
+from common.bootstrap import Background, Service, redis_probe
 from stationthis.workflows.v1 import workflows_service_pb2, workflows_service_pb2_grpc
 
 from .cache import CacheSettings, CatalogCache
@@ -19,11 +20,17 @@ SERVICE_NAME = workflows_service_pb2.DESCRIPTOR.services_by_name["WorkflowsServi
 DOMAIN = "workflows.stationthis.dev"
 
 
+@dataclass(frozen=True)
+class WorkflowsApp:
+    service: Service
+    cache: CatalogCache
+
+
 async def build(
     config: WorkflowsConfig,
     clock: Callable[[], float] = time.time,
     upstream: ComfyDeployClient | None = None,
-) -> Service:
+) -> WorkflowsApp:
     redis = redis_client.connect(config.redis_url)
     client = upstream or ComfyDeployClient(config.comfydeploy_api_url, config.comfydeploy_api_key)
     cache = CatalogCache(
@@ -39,7 +46,6 @@ async def build(
         clock=clock,
     )
     servicer = WorkflowsServicer(cache, redis)
-    cache.warm()  # load at start-up; a failure here is retried by the first lookup
 
     async def close() -> None:
         await cache.stop()
@@ -54,6 +60,7 @@ async def build(
         register=lambda server: workflows_service_pb2_grpc.add_WorkflowsServiceServicer_to_server(servicer, server),
         probes=[redis_probe(redis)],
         on_stop=[close],
+        # Load the catalog at start-up; a failure here is retried by the first lookup.
+        background=[Background("catalog-warm-up", cache.warm_up, after_serving=False)],
     )
-    service.cache = cache  # type: ignore[attr-defined]  # for tests and benchmarks
-    return service
+    return WorkflowsApp(service, cache)
