@@ -30,6 +30,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from . import telemetry
+from .channels import SERVER_KEEPALIVE_OPTIONS
 from .config import ServerConfig
 from .interceptors import ErrorInterceptor, LoggingInterceptor
 
@@ -141,7 +142,7 @@ class GrpcServer:
                 LoggingInterceptor(),
                 ErrorInterceptor(service.domain),
             ],
-            options=[("grpc.so_reuseport", 0)],
+            options=[("grpc.so_reuseport", 0), *SERVER_KEEPALIVE_OPTIONS],
         )
         service.register(self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import grpc
 
-from common import redis_client, telemetry
+from common import redis_client
+from common.channels import open_channel
 from common.bootstrap import Service, grpc_health_probe, redis_probe
 from stationthis.comfyui.v1 import comfyui_service_pb2, comfyui_service_pb2_grpc
 
@@ -26,8 +26,8 @@ class ComfyUIApp:
 
 async def build(config: ComfyUIConfig) -> ComfyUIApp:
     redis = redis_client.connect(config.redis_url)
-    points = grpc.aio.insecure_channel(config.points_service_addr, interceptors=telemetry.client_interceptors())
-    workflows = grpc.aio.insecure_channel(config.workflows_service_addr, interceptors=telemetry.client_interceptors())
+    points = open_channel(config.points_service_addr)
+    workflows = open_channel(config.workflows_service_addr)
     servicer = ComfyUIServicer()
 
     async def close() -> None:
@@ -40,10 +40,10 @@ async def build(config: ComfyUIConfig) -> ComfyUIApp:
         domain=DOMAIN,
         service_names=[SERVICE_NAME],
         register=lambda server: comfyui_service_pb2_grpc.add_ComfyUIServiceServicer_to_server(servicer, server),
-        probes=[
+        probes=[  # health checks on the bare channels: probes stay out of traces
             redis_probe(redis),
-            grpc_health_probe("points", points, POINTS_SERVICE),
-            grpc_health_probe("workflows", workflows, WORKFLOWS_SERVICE),
+            grpc_health_probe("points", points.channel, POINTS_SERVICE),
+            grpc_health_probe("workflows", workflows.channel, WORKFLOWS_SERVICE),
         ],
         on_stop=[close],
     )
