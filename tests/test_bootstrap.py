@@ -221,3 +221,22 @@ async def test_unexpected_exception_is_logged_with_trace(test_server, caplog):
         with pytest.raises(grpc.aio.AioRpcError):
             await call(test_server, "Crash")(b"", timeout=5)
     assert any("Crash" in r.getMessage() for r in caplog.records)
+
+
+async def test_blocking_reads_have_their_own_timeout(redis_server: RedisServer) -> None:
+    """An ordinary client gives up a read after 2 s; the blocking-read client waits out XREAD BLOCK."""
+    import redis.exceptions
+
+    from common.redis_client import connect_for_blocking_reads
+
+    plain = connect(redis_server.url, timeout=0.3)
+    blocking = connect_for_blocking_reads(redis_server.url, block_seconds=2.0, timeout=0.3)
+    try:
+        with pytest.raises(redis.exceptions.TimeoutError):
+            await plain.xread({"test:blocking-stream": "$"}, block=1000)
+        started = time.monotonic()
+        assert await blocking.xread({"test:blocking-stream": "$"}, block=1000) == []
+        assert time.monotonic() - started >= 0.9
+    finally:
+        await plain.aclose()
+        await blocking.aclose()
