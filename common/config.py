@@ -111,13 +111,6 @@ def positive_int(raw: str) -> int:
     return value
 
 
-def non_negative_int(raw: str) -> int:
-    value = int(raw)
-    if value < 0:
-        raise ValueError("must be zero or a positive integer")
-    return value
-
-
 def positive_float(raw: str) -> float:
     value = float(raw)
     if not value > 0 or value != value or value == float("inf"):
@@ -172,6 +165,16 @@ def log_level(raw: str) -> str:
     if upper not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
         raise ValueError("expected DEBUG, INFO, WARNING, ERROR or CRITICAL")
     return upper
+
+
+def metrics_address(variable: str, default: str) -> Any:
+    """Declare a process's metrics address: ``/metrics`` in Prometheus text format is served there."""
+    return env(
+        variable,
+        default=default,
+        parse=listen_address,
+        doc="Where this process serves `/metrics` (Prometheus text format); port 0 picks a free one.",
+    )
 
 
 @dataclasses.dataclass(frozen=True)

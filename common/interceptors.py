@@ -1,4 +1,6 @@
-"""Server interceptors shared by every service: error mapping and structured access logs.
+"""Server interceptors shared by every service: error mapping, and an access log line plus RPC
+metrics (``rpc.server.call.duration``, a histogram in seconds by method and status code, whose
+count is the number of RPCs) for every call.
 
 The tracing interceptor comes from opentelemetry-instrumentation-grpc (see ``telemetry``); the
 bootstrap installs, outermost first: tracing, logging, errors.
@@ -15,10 +17,16 @@ from typing import Any
 
 import grpc
 from grpc_status import rpc_status
+from opentelemetry import metrics
 
 from .errors import DomainError, Unimplemented, internal_status, to_rpc_status
 
 log = logging.getLogger("stationthis.rpc")
+_meter = metrics.get_meter("stationthis.rpc")
+_durations = _meter.create_histogram(
+    "rpc.server.call.duration", unit="s", description="gRPC calls served, by method and status code"
+)
+_attributes: dict[tuple[str, str], dict[str, str]] = {}  # built once per (method, code)
 
 Behavior = Callable[..., Any]
 
@@ -150,6 +158,11 @@ class _LogScope:
         else:
             level = logging.WARNING if code != grpc.StatusCode.INTERNAL else logging.ERROR
             name = code.name if isinstance(code, grpc.StatusCode) else str(code)
+        seconds = time.perf_counter() - self.start
+        attributes = _attributes.get((self.method, name))
+        if attributes is None:
+            attributes = _attributes[(self.method, name)] = {"rpc.method": self.method, "rpc.grpc.status_code": name}
+        _durations.record(seconds, attributes)
         if log.isEnabledFor(level):
             log.log(
                 level,
@@ -159,7 +172,7 @@ class _LogScope:
                 extra={
                     "rpc": self.method,
                     "code": name,
-                    "duration_ms": round((time.perf_counter() - self.start) * 1000, 3),
+                    "duration_ms": round(seconds * 1000, 3),
                     "peer": self.context.peer(),
                 },
             )

@@ -13,7 +13,12 @@ from .bootstrap import Assembled, serve
 from .config import ConfigError, ServerConfig, load, secrets_of
 
 
-class ServiceConfig(Protocol):
+class ProcessConfig(Protocol):
+    @property
+    def metrics_addr(self) -> str: ...
+
+
+class ServiceConfig(ProcessConfig, Protocol):
     @property
     def listen_addr(self) -> str: ...
 
@@ -21,11 +26,11 @@ class ServiceConfig(Protocol):
 C = TypeVar("C", bound=ServiceConfig)
 
 
-T = TypeVar("T")
+T = TypeVar("T", bound=ProcessConfig)
 
 
 def prepare(name: str, config_cls: type[T], environ: Mapping[str, str] | None = None) -> tuple[T, ServerConfig]:
-    """Parse the process's config, set up JSON logs and tracing; exit 2 naming a bad variable."""
+    """Parse the process's config, set up JSON logs, tracing and metrics; exit 2 naming a bad variable."""
     environ = os.environ if environ is None else environ
     try:
         config = load(config_cls, environ)
@@ -35,6 +40,11 @@ def prepare(name: str, config_cls: type[T], environ: Mapping[str, str] | None = 
         raise SystemExit(2) from None
     logs.configure(name, server_config.log_level, secrets_of(config))
     telemetry.setup(f"stationthis-{name}", environ)
+    try:
+        telemetry.setup_metrics(f"stationthis-{name}", config.metrics_addr, environ)
+    except OSError as exc:
+        print(f"stationthis-{name}: cannot serve metrics on {config.metrics_addr}: {exc.strerror}", file=sys.stderr)
+        raise SystemExit(2) from None
     return config, server_config
 
 

@@ -6,15 +6,21 @@ variables itself); nothing exported otherwise. Redis and httpx clients are instr
 outbound call joins the caller's trace (the points ledger records one span per script call instead of
 the per-command span: docs/decisions/0008). Health and reflection RPCs stay out of traces unless the
 caller sends a trace context (see ``_traced``).
+
+Metrics: ``setup_metrics`` installs a ``MeterProvider`` in every process. Its metrics are served in
+Prometheus text format at ``http://<metrics address>/metrics`` (each process has its own address,
+e.g. ``POINTS_METRICS_ADDR``), and also exported by OTLP when ``OTEL_EXPORTER_OTLP_ENDPOINT`` is set.
+Without a provider the instruments the code defines would record nothing.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 from typing import Any
 
-from opentelemetry import propagate, trace
+from opentelemetry import metrics, propagate, trace
 from opentelemetry.baggage.propagation import W3CBaggagePropagator
 from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor
 from opentelemetry.propagators.composite import CompositePropagator
@@ -45,6 +51,8 @@ def _traced(details: Any) -> bool:
 
 
 _provider: TracerProvider | None = None
+_meter_provider: Any = None
+log = logging.getLogger("stationthis.telemetry")
 
 
 def setup(
@@ -89,6 +97,40 @@ def client_interceptors() -> list[Any]:
     return interceptors
 
 
+def setup_metrics(service_name: str, listen_addr: str, environ: Mapping[str, str] | None = None) -> int | None:
+    """Install the global MeterProvider (once per process); serve ``/metrics`` on ``listen_addr``
+    (``host:port``, port 0 picks one; empty: not served). Returns the port served, if any."""
+    global _meter_provider
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
+
+    environ = os.environ if environ is None else environ
+    if _meter_provider is not None:
+        return None
+    readers: list[MetricReader] = []
+    port = None
+    if listen_addr:
+        from opentelemetry.exporter.prometheus import PrometheusMetricReader
+        from prometheus_client import start_http_server
+
+        host, _, wanted = listen_addr.rpartition(":")
+        server, _thread = start_http_server(int(wanted), addr=host.strip("[]"))
+        port = int(server.server_port)
+        readers.append(PrometheusMetricReader())
+    if environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or environ.get("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"):
+        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+
+        readers.append(PeriodicExportingMetricReader(OTLPMetricExporter()))
+    name = environ.get("OTEL_SERVICE_NAME") or service_name
+    _meter_provider = MeterProvider(resource=Resource.create({SERVICE_NAME: name}), metric_readers=readers)
+    metrics.set_meter_provider(_meter_provider)
+    if port is not None:
+        log.info("metrics at http://%s:%d/metrics", host, port, extra={"metrics_port": port})
+    return port
+
+
 def shutdown() -> None:
     if _provider is not None:
         _provider.force_flush(timeout_millis=2000)
+    if _meter_provider is not None:
+        _meter_provider.shutdown(timeout_millis=2000)

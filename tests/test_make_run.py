@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import signal
 import socket
 import stat
@@ -22,7 +23,7 @@ import grpc
 import httpx
 
 from devtools.redis_server import free_port
-from tests.conftest import PYTHON, ROOT, python_env
+from tests.conftest import METRICS_VARIABLES, PYTHON, ROOT, python_env
 from tests.test_gateway import HTTP_STATUS
 from tests.test_grpcurl import GRPCURL
 
@@ -135,6 +136,7 @@ def test_make_run_starts_everything_and_ctrl_c_stops_everything(tmp_path: Path) 
             "COMFYUI_LISTEN_ADDR",
             "GATEWAY_LISTEN_ADDR",
             "EMULATOR_LISTEN_ADDR",
+            *METRICS_VARIABLES,
         )
     }
     environ = python_env(STATIONTHIS_DATA_DIR=str(data), **addresses)
@@ -165,6 +167,16 @@ def test_make_run_starts_everything_and_ctrl_c_stops_everything(tmp_path: Path) 
         start_order = [name for name in start_order if name in COMPONENTS]
         assert sorted(start_order) == sorted(COMPONENTS), started
         redis_port = int(re.search(r"redis\s+redis://127\.0\.0\.1:(\d+)/0", started).group(1))  # type: ignore[union-attr]
+        # Each process says where its metrics are, and serves them there.
+        for variable in METRICS_VARIABLES:
+            url = f"http://{addresses[variable]}/metrics"
+            assert f"metrics {url}" in started, started
+            assert httpx.get(url, timeout=10).status_code == 200
+        # The "all up" hint works as typed, from the checkout (grpcurl is not on PATH on a fresh machine).
+        hint = re.search(r"all up\. (.+?)\s+\|", started).group(1)  # type: ignore[union-attr]
+        assert hint.startswith(".venv/bin/grpcurl "), hint
+        done = subprocess.run(shlex.split(hint), cwd=ROOT, capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0 and "stationthis.points.v1.PointsService" in done.stdout, done.stderr
 
         children = children_of(process.pid)
         commands = sorted(children.values())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from common.config import ComfyDeploySettings, RedisSettings, env, listen_address, service_address
+from common.config import ComfyDeploySettings, RedisSettings, env, listen_address, metrics_address, service_address
 
 
 @dataclass(frozen=True)
@@ -12,6 +12,7 @@ class ComfyUIConfig(RedisSettings, ComfyDeploySettings):
     listen_addr: str = env(
         "COMFYUI_LISTEN_ADDR", default="127.0.0.1:50053", parse=listen_address, doc="gRPC listen address."
     )
+    metrics_addr: str = metrics_address("COMFYUI_METRICS_ADDR", "127.0.0.1:9453")
     points_service_addr: str = env(
         "POINTS_SERVICE_ADDR", default="127.0.0.1:50051", parse=service_address, doc="Points service address."
     )

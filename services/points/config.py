@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 
-from common.config import RedisSettings, env, listen_address, positive_int
+from common.config import RedisSettings, env, listen_address, metrics_address, positive_int
 
 from .economy import DEFAULT_GPU_PRICES, Economy
 
@@ -36,6 +36,7 @@ class PointsConfig(RedisSettings):
     listen_addr: str = env(
         "POINTS_LISTEN_ADDR", default="127.0.0.1:50051", parse=listen_address, doc="gRPC listen address."
     )
+    metrics_addr: str = metrics_address("POINTS_METRICS_ADDR", "127.0.0.1:9451")
     hold_estimate: int = env(
         "POINTS_HOLD_ESTIMATE", default=100, parse=positive_int, doc="Points a ReserveHold holds when asked for 0."
     )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from common.config import ComfyDeploySettings, RedisSettings, env, listen_address, positive_float
+from common.config import ComfyDeploySettings, RedisSettings, env, listen_address, metrics_address, positive_float
 
 from .catalog import parse_pairs
 
@@ -20,6 +20,7 @@ class WorkflowsConfig(RedisSettings, ComfyDeploySettings):
     listen_addr: str = env(
         "WORKFLOWS_LISTEN_ADDR", default="127.0.0.1:50052", parse=listen_address, doc="gRPC listen address."
     )
+    metrics_addr: str = metrics_address("WORKFLOWS_METRICS_ADDR", "127.0.0.1:9452")
     cache_ttl_seconds: float = env(
         "WORKFLOWS_CACHE_TTL_SECONDS", default=300.0, parse=positive_float, doc="Catalog time to live (then refreshed)."
     )
