@@ -32,6 +32,7 @@ from grpc_reflection.v1alpha import reflection
 from . import telemetry
 from .channels import SERVER_KEEPALIVE_OPTIONS
 from .config import ServerConfig
+from .errors import DomainError
 from .interceptors import ErrorInterceptor, LoggingInterceptor
 
 log = logging.getLogger("stationthis.server")
@@ -98,17 +99,17 @@ async def supervise(task: Background, sleep: Callable[[float], Awaitable[None]] 
             return
         except asyncio.CancelledError:
             raise
-        except Exception:
+        except Exception as exc:
             if time.monotonic() - started >= task.max_backoff:
                 failures = 0  # it ran well for a while: this is a new incident
             delay = random.uniform(0, min(task.max_backoff, task.min_backoff * 2**failures))  # noqa: S311 (jitter)
             failures += 1
-            log.exception(
-                "background task %s crashed; restarting in %.2fs",
-                task.name,
-                delay,
-                extra={"task": task.name, "restarts": failures, "delay_seconds": round(delay, 3)},
-            )
+            extra = {"task": task.name, "restarts": failures, "delay_seconds": round(delay, 3)}
+            if isinstance(exc, DomainError):  # an expected failure (a dependency is down): no traceback
+                log.warning("background task %s failed (%s); retrying in %.2fs", task.name, exc.message, delay,
+                            extra={**extra, "reason": exc.reason})  # fmt: skip
+            else:
+                log.exception("background task %s crashed; restarting in %.2fs", task.name, delay, extra=extra)
             await sleep(delay)
 
 

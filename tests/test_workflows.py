@@ -17,14 +17,15 @@ from typing import Any
 import grpc
 import httpx
 import pytest
+from grpc_health.v1 import health_pb2
 
 from comfydeploy.models import Deployment, Machine
 from common.errors import InvalidArgument
 from emulator.testing import DEPLOYMENTS, MACHINES, WORKFLOWS
-from services.workflows import catalog
-from services.workflows.catalog import DEFAULT_ALIASES, CatalogIndex, MalformedListing, Routing, standardize
-from services.workflows.config import WorkflowsConfig
-from services.workflows.server import build
+from services.workflows import catalog, convert, inputs
+from services.workflows.catalog import CatalogIndex, MalformedListing, Routing, standardize
+from services.workflows.config import LEGACY_ALIASES, WorkflowsConfig, parse_pairs
+from services.workflows.server import SERVICE_NAME, build
 from stationthis.type.v1 import gpu_pb2
 from stationthis.workflows.v1 import workflows_service_pb2_grpc
 from tests.conftest import wait_serving
@@ -51,14 +52,15 @@ INVALID = grpc.StatusCode.INVALID_ARGUMENT
 NOT_FOUND = grpc.StatusCode.NOT_FOUND
 PRECONDITION = grpc.StatusCode.FAILED_PRECONDITION
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
+SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 PROD, STAGING, PREVIEW = W.ENVIRONMENT_PRODUCTION, W.ENVIRONMENT_STAGING, W.ENVIRONMENT_PREVIEW
 G = gpu_pb2
 NAMES = ["controlnet", "img2img", "img2vid", "inpaint", "lora_train", "text2img", "toon", "upscale"]
 MACHINE_GPU = {"StationthisHun": G.GPU_TYPE_A10G, "inpainter": G.GPU_TYPE_L4, "fluxdev": G.GPU_TYPE_A100}
 MACHINE_GPU["TRIPO"] = G.GPU_TYPE_L40S
-READY = {MACHINES[m] for m in ("StationthisHun", "inpainter", "fluxdev", "TRIPO", "classic")}
 MISSING = object()
 X = "ComfyUIDeployExternal"
+DEFAULT_ALIASES = parse_pairs(LEGACY_ALIASES)
 
 
 def dep(suffix: str) -> str:
@@ -84,17 +86,6 @@ DEPLOYED: dict[str, tuple[str, int, str, str, bool, int]] = {
     "11": ("img2vid", STAGING, "TRIPO", "051", False, 0),
     "12": ("upscale", STAGING, "classic", "041", False, 0),
     "13": ("text2img", PREVIEW, "StationthisHun", "011", False, 0),
-}
-# The machine the default routing table picks for each fixture workflow (all of them are ready).
-ROUTED = {
-    "text2img": "StationthisHun",
-    "lora_train": "StationthisHun",
-    "inpaint": "inpainter",
-    "controlnet": "fluxdev",
-    "img2img": "fluxdev",
-    "upscale": "fluxdev",
-    "img2vid": "TRIPO",
-    "toon": "TRIPO",
 }
 DESCRIPTIONS = {
     "text2img": "text2img production",
@@ -170,12 +161,18 @@ SEED = inp(
 async def make_replica(redis_url, start_service, emulator):
     """Start one more WorkflowsService instance (a replica: same Redis, same emulator, same fake clock).
 
-    ``upstream``: route its deployment listings through a shared ``Upstream`` gate."""
+    ``upstream``: route its deployment listings through a shared ``Upstream`` gate; ``serving``: wait
+    until health is SERVING (a replica that cannot load a catalog never is)."""
     clock = FakeClock()
     started: list[Any] = []
     gates: list[Upstream] = []
 
-    async def make(upstream: Upstream | None = None, client_options: dict[str, Any] | None = None, **env: str):
+    async def make(
+        upstream: Upstream | None = None,
+        client_options: dict[str, Any] | None = None,
+        serving: bool = True,
+        **env: str,
+    ):
         environ = {
             "REDIS_URL": redis_url,
             "COMFYDEPLOY_API_URL": emulator.base_url,
@@ -196,8 +193,9 @@ async def make_replica(redis_url, start_service, emulator):
             return app
 
         running = await start_service(builder, WorkflowsConfig, environ)
-        await wait_serving(running)
         started.append(running)
+        if serving:
+            await wait_serving(running)
         return Replica(workflows_service_pb2_grpc.WorkflowsServiceStub(running.channel), clock, running, emulator)
 
     yield make
@@ -244,10 +242,11 @@ async def test_catalog_holds_the_fixture_workflows(replica, emulator):
             if own_gpu:
                 assert deployment.gpu == own_gpu
         production = next(s for s in ours if DEPLOYED[s][1] == PROD)
-        assert workflow.version.workflow_version_id == ver(DEPLOYED[production][3])
-        assert workflow.machine_id == MACHINES[ROUTED[name]]
-        assert workflow.machine_name == ROUTED[name]
-        assert workflow.gpu == MACHINE_GPU[ROUTED[name]]
+        _, _, machine, version, _, own_gpu = DEPLOYED[production]
+        assert workflow.version.workflow_version_id == ver(version)
+        # Where the production deployment runs: its machine, and its own GPU else the machine's.
+        assert (workflow.machine_id, workflow.machine_name) == (MACHINES[machine], machine)
+        assert workflow.gpu == (own_gpu or MACHINE_GPU[machine])
         outputs = [(o.class_type, o.type) for o in workflow.outputs]
         assert outputs == [(c, t) for c, t, _ in OUTPUTS[name]]
         for output, (_, _, output_id) in zip(workflow.outputs, OUTPUTS[name], strict=True):
@@ -686,10 +685,10 @@ def test_validate_inputs_unit_rules():
         {"input_id": "n", "type": W.INPUT_TYPE_NUMBER, "required": True, "enum_options": [], "min_value": 1.0},
         {"input_id": "i", "type": W.INPUT_TYPE_INTEGER, "required": False, "enum_options": [], "default": 2},
     ]
-    complete, defaulted = catalog.validate_inputs(specs, {"n": 1, "i": None}, {})
+    complete, defaulted = inputs.validate_inputs(specs, {"n": 1, "i": None}, {})
     assert (complete, defaulted) == ({"n": 1, "i": 2}, ["i"])
     with pytest.raises(InvalidArgument) as caught:
-        catalog.validate_inputs(specs, {"n": 0.5, "i": 2**31}, {"workflow_id": "w"})
+        inputs.validate_inputs(specs, {"n": 0.5, "i": 2**31}, {"workflow_id": "w"})
     error = caught.value
     assert error.reason == "INVALID_INPUTS" and error.metadata["workflow_id"] == "w"
     assert {v.field: v.description for v in error.violations} == {
@@ -834,35 +833,57 @@ async def test_workflow_named_only_with_symbols_gets_a_name_from_its_id(replica,
 # --- 5. routing ---------------------------------------------------------------------------------------
 
 
-async def test_routing_rule_then_default_then_any_ready(make_replica, emulator):
-    routed = await make_replica(
-        WORKFLOWS_MACHINE_ROUTING="text2img=StationthisHun-next,inpaint=inpainter,upscale=reactor-broken,toon=nowhere",
-        WORKFLOWS_DEFAULT_MACHINE="fluxdev",
-    )
-    expected = {"text2img": "fluxdev", "inpaint": "inpainter", "upscale": "fluxdev", "toon": "fluxdev"}
-    expected |= {"controlnet": "fluxdev", "img2vid": "fluxdev"}  # no rule: the default
-    for name, machine in expected.items():
-        answer = await routed.resolve(name)
-        workflow = answer.workflow
-        assert (workflow.machine_id, workflow.machine_name, workflow.gpu) == (
-            MACHINES[machine],
-            machine,
-            MACHINE_GPU[machine],
-        ), name
-        assert answer.deployment.deployment_id == DEPLOYMENTS[name]
-
-    fallback = await make_replica(
+async def test_a_workflow_shows_the_machine_its_deployment_runs_on(make_replica):
+    """A deployment run cannot choose its machine: Workflow.machine_id, machine_name and gpu are the
+    chosen deployment's (its own gpu, else its machine's), wherever routing would send the workflow.
+    Here neither the rule's nor the default machine is ready, so routing falls back to any ready
+    machine (the classic one, no GPU), where none of these deployments runs."""
+    replica = await make_replica(
         WORKFLOWS_MACHINE_ROUTING="text2img=StationthisHun-next", WORKFLOWS_DEFAULT_MACHINE="reactor-broken"
     )
+    expected = {
+        "text2img": ("StationthisHun", G.GPU_TYPE_A10G),
+        "toon": ("TRIPO", G.GPU_TYPE_L40S),
+        "img2vid": ("TRIPO", G.GPU_TYPE_L40S),  # fluid, with its own gpu
+        "lora_train": ("StationthisHun", G.GPU_TYPE_H100),  # its own gpu, not its machine's
+    }
+    listed = {w.name: w for w in await replica.list_all()}
+    for name, (machine, gpu) in expected.items():
+        answer = await replica.resolve(name)
+        assert answer.deployment.machine_id == MACHINES[machine]
+        for view in (answer.workflow, await replica.get(WORKFLOWS[name]), listed[name]):
+            assert (view.machine_id, view.machine_name, view.gpu) == (MACHINES[machine], machine, gpu), name
+    classic = await replica.get(WORKFLOWS["upscale"], STAGING)  # its staging deployment runs there
+    assert (classic.machine_id, classic.machine_name, classic.gpu) == (
+        MACHINES["classic"],
+        "selfhosted-3090",
+        G.GPU_TYPE_UNSPECIFIED,
+    )
+
+
+async def test_routing_picks_the_deployment_rule_then_default_then_any_ready(make_replica, emulator):
+    """Among a workflow's deployments in the environment, routing prefers the one on the rule's
+    machine if ready, else on the default machine if ready, else on any ready machine, else the most
+    recently updated; the view shows the machine of the deployment picked."""
+    img2img, version = WORKFLOWS["img2img"], ver("021")
+    on_fluxdev = DEPLOYMENTS["img2img"]  # the oldest
+    on_classic = await create_deployment(emulator, img2img, version, "production", "classic", str(uuid.uuid4()))
+    on_tripo = await create_deployment(emulator, img2img, version, "production", "TRIPO", str(uuid.uuid4()))
     async with emulator.client() as http:  # upstream order; the first ready one is "any ready"
         machines = (await http.get("/machines", params={"is_deleted": "false"})).json()
-    first_ready = next(m for m in machines if m["status"] == "ready")
-    assert first_ready["id"] in READY
-    for name in ("text2img", "toon"):
-        workflow = (await fallback.resolve(name)).workflow
-        assert workflow.machine_id == first_ready["id"] and workflow.machine_name == first_ready["name"]
-    # Routing is each replica's own setting; the shared catalog is the same.
-    assert (await routed.get(WORKFLOWS["text2img"])).machine_name == "fluxdev"
+    assert next(m for m in machines if m["status"] == "ready")["id"] == MACHINES["classic"]
+    cases = [
+        ("img2img=fluxdev", "TRIPO", on_fluxdev, "fluxdev"),  # the rule's machine
+        ("img2img=StationthisHun-next", "TRIPO", on_tripo, "TRIPO"),  # building: the default machine
+        ("img2img=reactor-broken", "StationthisHun-next", on_classic, "classic"),  # any ready machine
+        ("img2img=StationthisHun", "inpainter", on_tripo, "TRIPO"),  # none there: the most recent
+    ]
+    for rules, default, chosen, machine in cases:
+        replica = await make_replica(WORKFLOWS_MACHINE_ROUTING=rules, WORKFLOWS_DEFAULT_MACHINE=default)
+        answer = await replica.resolve("img2img")
+        assert answer.deployment.deployment_id == chosen, rules
+        for view in (answer.workflow, await replica.get(img2img)):
+            assert (view.machine_id, view.gpu) == (MACHINES[machine], MACHINE_GPU.get(machine, 0)), rules
 
 
 def test_no_ready_machine_routes_nowhere():
@@ -883,9 +904,11 @@ def test_no_ready_machine_routes_nowhere():
     ]
     built = catalog.build([deployment], machines, 0)
     index = CatalogIndex(built, DEFAULT_ALIASES, Routing({"solo": "box"}, "broken"))
+    assert index.route("solo") is None
     workflow = index.get("w1")
-    rendered = index.render(workflow, index.deployment_for(workflow, 0))
-    assert (rendered.machine_id, rendered.machine_name, rendered.gpu) == ("", "", G.GPU_TYPE_UNSPECIFIED)
+    rendered = convert.workflow(index, workflow, index.deployment_for(workflow, 0))
+    # Its deployment still runs where it is deployed.
+    assert (rendered.machine_id, rendered.machine_name, rendered.gpu) == ("m1", "box", G.GPU_TYPE_A10G)
     assert [i.input_id for i in rendered.inputs] == ["input_prompt"]
 
 
@@ -1109,7 +1132,7 @@ async def test_upstream_down_serves_the_last_good_catalog(make_replica, emulator
 @pytest.mark.parametrize("route", DOWN)
 async def test_cold_start_with_upstream_down_is_unavailable(make_replica, emulator, route):
     await emulator.set_faults(error_rates={route: {"503": 1.0}})
-    replica = await make_replica()
+    replica = await make_replica(serving=False)
     await fails(replica.stub.ListWorkflows(rpc.ListWorkflowsRequest()), UNAVAILABLE, "CATALOG_UNAVAILABLE")
     await fails(replica.resolve("/make"), UNAVAILABLE, "CATALOG_UNAVAILABLE")
     await fails(replica.validate(WORKFLOWS["text2img"], {}), UNAVAILABLE, "CATALOG_UNAVAILABLE")
@@ -1167,8 +1190,67 @@ async def test_failed_refresh_catalog_is_unavailable_and_not_remembered(make_rep
 
 async def test_upstream_errors_count_every_failed_call(make_replica, emulator):
     await emulator.set_faults(error_rates={"machines": {"503": 1.0}})
-    replica = await make_replica()
+    replica = await make_replica(serving=False)
     await fails(replica.stub.ListWorkflows(rpc.ListWorkflowsRequest()), UNAVAILABLE, "CATALOG_UNAVAILABLE")
     failed_calls = (await emulator.stats())["faults"].get("error:503:machines", 0)
     assert failed_calls > 1  # the client retried
     assert replica.cache.upstream_errors() == failed_calls  # what GetCatalogStats.upstream_errors reports
+
+
+async def test_an_outage_backs_off_refreshes_across_replicas(make_replica, emulator):
+    """While ComfyUI Deploy fails, stale lookups on every replica wait out one shared backoff after
+    each failed refresh: a handful of refreshes in seconds of lookups, not one per lookup. And
+    upstream_errors counts the requests that reached upstream and failed, not the calls the
+    client's circuit breaker refused (here it opens at the first failure)."""
+    upstream = Upstream()
+    options = {"breaker_failure_threshold": 1}
+    ttl = {"WORKFLOWS_CACHE_TTL_SECONDS": "60", "WORKFLOWS_LOCAL_CACHE_SECONDS": "0.05"}
+    replicas = [await make_replica(upstream, client_options=options, **ttl) for _ in range(2)]
+    assert len(await replicas[0].list_all()) == 8
+    await emulator.set_faults(error_rates={"machines": {"503": 1.0}})
+    clock = replicas[0].clock  # shared by the replicas
+    clock.advance(61)
+
+    lookups = 0
+    loop = asyncio.get_running_loop()
+    until = loop.time() + 3
+    while loop.time() < until:
+        answers = await asyncio.gather(*(r.resolve("/make") for r in replicas for _ in range(5)))
+        assert {a.workflow.workflow_id for a in answers} == {WORKFLOWS["text2img"]}  # stale, answered
+        lookups += len(answers)
+        await asyncio.sleep(0.005)
+    clock.advance(-61)  # fresh again: no lookup starts a refresh while the counts are read
+    for target in replicas:
+        if target.cache._refreshing is not None:
+            await asyncio.wait([target.cache._refreshing], timeout=30)
+
+    failed_requests = (await emulator.stats())["faults"].get("error:503:machines", 0)
+    stats = [await target.stats() for target in replicas]
+    assert lookups > 200
+    assert 1 <= stats[0].refresh_failures <= 4, stats[0].refresh_failures  # shared by the replicas
+    assert stats[0].last_error and not stats[0].upstream_healthy
+    assert sum(s.upstream_errors for s in stats) == failed_requests >= 1
+    assert sum(target.cache.counters.refused for target in replicas) >= 1  # refusals happened, apart
+
+
+async def test_health_is_not_serving_until_a_catalog_has_loaded(make_replica, emulator):
+    """A replica that never loaded a catalog answers every lookup UNAVAILABLE, so health says
+    NOT_SERVING; once ComfyUI Deploy answers, the warm-up (restarted by the bootstrap) loads it."""
+    await emulator.set_faults(error_rates={"deployments": {"503": 1.0}})
+    replica = await make_replica(Upstream(), client_options={"breaker_reset_seconds": 1.0}, serving=False)
+    names = ("", SERVICE_NAME)
+    await fails(replica.resolve("/make"), UNAVAILABLE, "CATALOG_UNAVAILABLE")
+    for _ in range(5):
+        assert [await replica.running.health(name) for name in names] == [NOT_SERVING, NOT_SERVING]
+        await asyncio.sleep(0.1)
+    assert (await replica.stats()).refresh_failures >= 1
+
+    await emulator.set_faults()
+    await wait_serving(replica.running, timeout=30)
+    assert await replica.running.health(SERVICE_NAME) == SERVING
+    assert (await replica.resolve("/make")).workflow.workflow_id == WORKFLOWS["text2img"]
+
+    # A catalog found in Redis counts: another replica is ready though ComfyUI Deploy is down again.
+    await emulator.set_faults(error_rates={"*": {"503": 1.0}})
+    other = await make_replica()
+    assert await other.running.health(SERVICE_NAME) == SERVING

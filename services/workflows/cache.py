@@ -11,6 +11,14 @@ and one refresh at a time across every replica.
   refreshed meanwhile, it does not call ComfyUI Deploy again. The others wait for the new stamp.
 - A refresh that fails (ComfyUI Deploy down, a malformed listing) keeps the previous catalog. A
   cold start with nothing to serve is UNAVAILABLE (``CATALOG_UNAVAILABLE``), never an empty list.
+- After a failed refresh no lazy refresh (stale or cold lookup, warm-up) calls ComfyUI Deploy again
+  before a backoff has passed: ``wf:catalog:backoff`` exists for that long (a Redis expiry, so every
+  replica honours one deadline without comparing clocks). It doubles with each failure in a row, up
+  to ``max_backoff_seconds``, with jitter; a successful refresh clears it. RefreshCatalog (an
+  operator asking) always tries at once. A replica remembers the deadline it read, so lookups during
+  a backoff cost no Redis call.
+- ``upstream_errors`` counts the upstream attempts that failed; calls the client's circuit breaker
+  refused never reached ComfyUI Deploy and are counted apart (``Counters.refused``).
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import random
 import secrets
 import time
 from collections.abc import Callable, Mapping
@@ -29,10 +38,13 @@ import redis.exceptions
 from opentelemetry import metrics
 
 from comfydeploy.client import ComfyDeployClient
-from comfydeploy.errors import ComfyDeployError
+from comfydeploy.errors import CircuitOpen, ComfyDeployError
+from comfydeploy.models import Deployment, Machine
+from comfydeploy.resilience import BreakerState
 from common.errors import Unavailable
 
 from .catalog import CatalogIndex, MalformedListing, Routing, build
+from .store import Counters
 
 log = logging.getLogger("stationthis.workflows")
 
@@ -40,6 +52,8 @@ CATALOG_KEY = "wf:catalog"
 STAMP_KEY = "wf:catalog:built"
 LOCK_KEY = "wf:catalog:lock"
 STATS_KEY = "wf:catalog:stats"
+BACKOFF_KEY = "wf:catalog:backoff"  # exists while lazy refreshes wait; holds the last error
+NOTHING_TO_SERVE = "no workflow catalog is loaded and ComfyUI Deploy cannot be reached"
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
@@ -52,15 +66,16 @@ class CacheSettings:
     max_stale_seconds: float = 86_400.0
     local_seconds: float = 2.0
     lock_seconds: float = 60.0
-    cold_wait_seconds: float = 30.0
     upstream_timeout_seconds: float = 20.0
+    backoff_seconds: float = 1.0  # after one failed refresh; doubled for each further failure in a row
+    max_backoff_seconds: float = 60.0
 
-
-@dataclass
-class Counters:
-    hits: int = 0
-    misses: int = 0
-    upstream_healthy: bool = True
+    def backoff(self, failures_in_a_row: int) -> float:
+        """Seconds before the next lazy refresh: exponential, capped, with jitter. Half the delay is
+        fixed so that a run of failures cannot draw near-zero waits (full jitter could); the other
+        half is random so that the replicas and retries do not fall into step."""
+        ceiling = min(self.max_backoff_seconds, self.backoff_seconds * 2.0 ** min(failures_in_a_row - 1, 30))
+        return ceiling * (0.5 + random.random() / 2)  # noqa: S311 (jitter)
 
 
 _meter = metrics.get_meter("stationthis.workflows")
@@ -69,6 +84,8 @@ _refresh_seconds = _meter.create_histogram("catalog.refresh.duration", unit="s",
 
 
 class CatalogCache:
+    """The Redis ``CatalogStore``: one catalog shared by every replica (see the module docstring)."""
+
     def __init__(
         self,
         redis_client: aioredis.Redis,
@@ -88,6 +105,8 @@ class CatalogCache:
         self._index: CatalogIndex | None = None
         self._checked_at = float("-inf")  # monotonic time of the last stamp check
         self._refreshing: asyncio.Task[CatalogIndex] | None = None
+        self._backoff_until = float("-inf")  # monotonic time the shared backoff was last seen to end
+        self._last_error = ""
         self._release = redis_client.register_script(_RELEASE)
         # Lookups are counted in plain ints (a hot path) and reported to the meter when it reads them.
         _meter.create_observable_counter(
@@ -101,6 +120,13 @@ class CatalogCache:
         ]
 
     # --- reading ----------------------------------------------------------------------------------
+
+    @property
+    def ttl_seconds(self) -> float:
+        return self.settings.ttl_seconds
+
+    def now(self) -> float:
+        return self.clock()
 
     def _now_ms(self) -> int:
         return int(self.clock() * 1000)
@@ -144,14 +170,52 @@ class CatalogCache:
             if index is not None and age <= self.settings.max_stale_seconds:
                 if count:
                     self.counters.hits += 1
-                if age > self.settings.ttl_seconds:
+                if age > self.settings.ttl_seconds and not self._backing_off():
                     self._start_refresh()  # stale-while-revalidate
                 return index
             if count:
                 self.counters.misses += 1
+            if self._backing_off():
+                raise self._unavailable()
             return await asyncio.shield(self._start_refresh())
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
             raise Unavailable("the catalog store did not answer", reason="STORE_UNAVAILABLE") from exc
+
+    async def loaded(self) -> None:
+        """Returns once a catalog has been loaded, by this process or found in Redis; raises before
+        (the health probe: a replica with no catalog answers every lookup UNAVAILABLE)."""
+        if self._index is None and await self._load_shared() is None:
+            raise self._unavailable("no workflow catalog has been loaded yet")
+
+    def _unavailable(self, message: str = NOTHING_TO_SERVE) -> Unavailable:
+        metadata = {"last_error": self._last_error[:200]} if self._last_error else {}
+        return Unavailable(message, reason="CATALOG_UNAVAILABLE", metadata=metadata)
+
+    def _servable(self, current: CatalogIndex | None) -> CatalogIndex:
+        """What a lazy refresh that got nothing from upstream answers: the catalog still servable."""
+        if current is not None and self._age(current) <= self.settings.max_stale_seconds:
+            return current
+        raise self._unavailable()
+
+    # --- backing off ------------------------------------------------------------------------------
+
+    def _backing_off(self) -> bool:
+        """Inside a backoff this replica has already seen (no I/O)."""
+        return time.monotonic() < self._backoff_until
+
+    async def _shared_backoff(self) -> bool:
+        """Inside a backoff, as every replica sees it (the first look goes to Redis, later ones not)."""
+        if self._backing_off():
+            return True
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.pttl(BACKOFF_KEY)
+            pipe.get(BACKOFF_KEY)
+            left_ms, error = await pipe.execute()
+        if left_ms <= 0:  # -2: no backoff (-1, no expiry: never written so)
+            return False
+        self._backoff_until = time.monotonic() + left_ms / 1000
+        self._last_error = _text(error or "")
+        return True
 
     # --- refreshing -------------------------------------------------------------------------------
 
@@ -167,10 +231,18 @@ class CatalogCache:
         await asyncio.shield(self._start_refresh())
 
     async def refresh(self) -> CatalogIndex:
-        """RefreshCatalog: reload from ComfyUI Deploy now (joining a refresh already running)."""
+        """RefreshCatalog: reload from ComfyUI Deploy now, backoff or not (joining a refresh already
+        running)."""
         started = self._now_ms()
-        index = await asyncio.shield(self._start_refresh(force=True))
-        if index.built_ms < started:  # joined a lazy refresh that found the catalog fresh
+        joined = self._refreshing is not None and not self._refreshing.done()
+        index: CatalogIndex | None = None
+        try:
+            index = await asyncio.shield(self._start_refresh(force=True))
+        except Unavailable as error:
+            if not joined or error.reason != "CATALOG_UNAVAILABLE":
+                raise  # this refresh's own failure (CATALOG_REFRESH_FAILED)
+        if index is None or index.built_ms < started:
+            # Joined a lazy refresh that found the catalog fresh, waited out a backoff or failed.
             index = await asyncio.shield(self._start_refresh(force=True))
         return index
 
@@ -201,35 +273,25 @@ class CatalogCache:
         fresh = current is not None and self._age(current) <= self.settings.ttl_seconds
         if current is not None and (current.built_ms >= started_ms or (fresh and not force)):
             return current  # someone refreshed while we waited for the lock
+        if not force and await self._shared_backoff():
+            return self._servable(current)  # a refresh failed lately: not yet again
         began = time.monotonic()
         deadline = began + self.settings.upstream_timeout_seconds
         try:
-            deployments, machines = await asyncio.gather(
-                self.upstream.list_all_deployments(deadline=deadline),
-                self.upstream.list_machines(deadline=deadline),
-            )
+            deployments, machines = await self._listings(deadline)
             catalog = build(deployments, machines, self._now_ms())
         except (ComfyDeployError, MalformedListing) as exc:
             if isinstance(exc, ComfyDeployError):  # a malformed listing: upstream answered, badly
                 self.counters.upstream_healthy = False
             message = f"{type(exc).__name__}: {exc}"
-            await self.redis.hset(STATS_KEY, mapping={"last_error": message[:500]})
-            await self.redis.hincrby(STATS_KEY, "refresh_failures", 1)
-            _refreshes.add(1, {"outcome": "failure"})
-            log.warning("catalog refresh failed; keeping the previous catalog", extra={"error": message})
+            await self._failed(message, "refused" if isinstance(exc, CircuitOpen) else "failure")
             if force:
                 raise Unavailable(
                     "the catalog could not be refreshed from ComfyUI Deploy; the previous one is kept",
                     reason="CATALOG_REFRESH_FAILED",
                     metadata={"last_error": message[:200]},
                 ) from exc
-            if current is not None and self._age(current) <= self.settings.max_stale_seconds:
-                return current
-            raise Unavailable(
-                "no workflow catalog is loaded and ComfyUI Deploy cannot be reached",
-                reason="CATALOG_UNAVAILABLE",
-                metadata={"last_error": message[:200]},
-            ) from exc
+            return self._servable(current)
         self.counters.upstream_healthy = True
         duration = time.monotonic() - began
         encoded = json.dumps(catalog, separators=(",", ":"))
@@ -243,9 +305,13 @@ class CatalogCache:
                     "last_refresh_ms": catalog["built_ms"],
                     "last_duration_ms": int(duration * 1000),
                     "last_error": "",
+                    "failures_in_a_row": 0,
                 },
             )
+            pipe.delete(BACKOFF_KEY)
             await pipe.execute()
+        self._backoff_until = float("-inf")
+        self._last_error = ""
         _refreshes.add(1, {"outcome": "success"})
         _refresh_seconds.record(duration)
         self._index = CatalogIndex(catalog, self.aliases, self.routing)
@@ -255,10 +321,58 @@ class CatalogCache:
         log.info("catalog refreshed", extra={"workflows": len(self._index), "duration_ms": int(duration * 1000)})
         return self._index
 
+    async def _listings(self, deadline: float) -> tuple[list[Deployment], list[Machine]]:
+        """Deployments and machines from ComfyUI Deploy, counting the calls the breaker refuses.
+
+        While the client's circuit breaker is not closed it lets one trial call through and refuses
+        the others: the small machine listing goes first, alone, and the deployments follow only
+        if it passed (three concurrent calls would see two refused and the trial cancelled)."""
+        try:
+            if self.upstream.breaker_state is not BreakerState.CLOSED:
+                machines = await self.upstream.list_machines(deadline=deadline)
+                return await self.upstream.list_all_deployments(deadline=deadline), machines
+        except CircuitOpen:
+            self.counters.refused += 1
+            raise
+        listed, found = await asyncio.gather(
+            self.upstream.list_all_deployments(deadline=deadline),
+            self.upstream.list_machines(deadline=deadline),
+            return_exceptions=True,
+        )
+        self.counters.refused += sum(isinstance(r, CircuitOpen) for r in (listed, found))
+        if isinstance(listed, BaseException):
+            raise listed
+        if isinstance(found, BaseException):
+            raise found
+        return listed, found
+
+    async def _failed(self, message: str, outcome: str) -> None:
+        """Record a failed refresh and start (or lengthen) the backoff every replica honours."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(STATS_KEY, mapping={"last_error": message[:500]})
+            pipe.hincrby(STATS_KEY, "refresh_failures", 1)
+            pipe.hincrby(STATS_KEY, "failures_in_a_row", 1)
+            *_, in_a_row = await pipe.execute()
+        delay = self.settings.backoff(int(in_a_row))
+        await self.redis.set(BACKOFF_KEY, message[:200], px=max(1, int(delay * 1000)))
+        self._backoff_until = time.monotonic() + delay
+        self._last_error = message
+        _refreshes.add(1, {"outcome": outcome})
+        log.warning(
+            "catalog refresh failed; keeping the previous catalog",
+            extra={"error": message, "failures_in_a_row": int(in_a_row), "backoff_seconds": round(delay, 3)},
+        )
+
     def upstream_errors(self) -> int:
-        """Failed upstream HTTP attempts: calls that failed plus the attempts retried after a failure."""
+        """Failed upstream HTTP attempts: calls that failed plus the attempts retried after a failure,
+        less the calls the circuit breaker refused (they never reached ComfyUI Deploy).
+
+        The client's snapshot counts a refused call as an error and does not say which were refused,
+        so the refusals are counted here, where the calls are made. One can escape: when both halves
+        of ``list_all_deployments`` are refused at once the client raises only the first."""
         endpoints = self.upstream.snapshot().get("endpoints", {})
-        return sum(int(e.get("errors", 0)) + int(e.get("retries", 0)) for e in endpoints.values())
+        failed = sum(int(e.get("errors", 0)) + int(e.get("retries", 0)) for e in endpoints.values())
+        return failed - self.counters.refused
 
     async def shared_stats(self) -> dict[str, str]:
         raw = await self.redis.hgetall(STATS_KEY)

@@ -6,7 +6,19 @@ from dataclasses import dataclass
 
 from common.config import ComfyDeploySettings, RedisSettings, env, listen_address, metrics_address, positive_float
 
-from .catalog import parse_pairs
+
+def parse_pairs(raw: str) -> dict[str, str]:
+    """``a=b,c=d`` -> {"a": "b", "c": "d"} (for the alias and routing tables)."""
+    out = {}
+    for item in raw.split(","):
+        if not item.strip():
+            continue
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise ValueError("expected name=value pairs separated by commas")
+        out[key.strip()] = value.strip()
+    return out
+
 
 LEGACY_ROUTING = (
     "text2img=StationthisHun,lora_train=StationthisHun,inpaint=inpainter,controlnet=fluxdev,"
@@ -43,8 +55,10 @@ class WorkflowsConfig(RedisSettings, ComfyDeploySettings):
         "WORKFLOWS_MACHINE_ROUTING",
         default=LEGACY_ROUTING,
         parse=parse_pairs,
-        doc="workflow_name=machine_name pairs: the machine a workflow runs on when it is ready.",
+        doc="workflow_name=machine_name pairs: a workflow's deployment on that machine is preferred when it is ready.",
     )
     default_machine: str = env(
-        "WORKFLOWS_DEFAULT_MACHINE", default="StationthisHun", doc="Machine used when a workflow's own is not ready."
+        "WORKFLOWS_DEFAULT_MACHINE",
+        default="StationthisHun",
+        doc="Machine whose deployment is preferred when a workflow's own machine is not ready.",
     )

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 from comfydeploy.client import ComfyDeployClient
 from common import redis_client
-from common.bootstrap import Background, Service, redis_probe
+from common.bootstrap import Background, Probe, Service, redis_probe
+from common.idempotency import RequestIds
 from stationthis.workflows.v1 import workflows_service_pb2, workflows_service_pb2_grpc
 
 from .cache import CacheSettings, CatalogCache
@@ -45,7 +46,7 @@ async def build(
         ),
         clock=clock,
     )
-    servicer = WorkflowsServicer(cache, redis)
+    servicer = WorkflowsServicer(cache, RequestIds(redis, "wf"))
 
     async def close() -> None:
         await cache.stop()
@@ -58,9 +59,12 @@ async def build(
         domain=DOMAIN,
         service_names=[SERVICE_NAME],
         register=lambda server: workflows_service_pb2_grpc.add_WorkflowsServiceServicer_to_server(servicer, server),
-        probes=[redis_probe(redis)],
+        # Not ready before a catalog has loaded once (here or by another replica): until then every
+        # lookup would answer UNAVAILABLE.
+        probes=[redis_probe(redis), Probe("catalog", cache.loaded)],
         on_stop=[close],
-        # Load the catalog at start-up; a failure here is retried by the first lookup.
+        # Load the catalog at start-up; a failure is retried (after the cache's shared backoff) by
+        # the bootstrap's restart and by the first lookups.
         background=[Background("catalog-warm-up", cache.warm_up, after_serving=False)],
     )
     return WorkflowsApp(service, cache)
