@@ -214,3 +214,20 @@ class ComfyDeploySettings:
     comfydeploy_api_key: str = env(
         "COMFYDEPLOY_API_KEY", default="", secret=True, doc="ComfyUI Deploy API key (Bearer). Never logged."
     )
+    comfydeploy_rate_limit: float = env(
+        "COMFYDEPLOY_RATE_LIMIT",
+        default=20.0,
+        parse=positive_float,
+        doc="Calls per second to ComfyUI Deploy for the whole API key, shared by the processes using it.",
+    )
+    comfydeploy_processes_per_key: int = env(
+        "COMFYDEPLOY_PROCESSES_PER_KEY",
+        default=2,
+        parse=positive_int,
+        doc="How many processes share the API key (each takes an equal share of the rate limit).",
+    )
+
+    @property
+    def comfydeploy_rate_per_process(self) -> float:
+        """This process's share of the key's rate limit (docs/decisions/0009)."""
+        return self.comfydeploy_rate_limit / self.comfydeploy_processes_per_key

@@ -233,3 +233,9 @@ def test_process_exits_2_naming_the_variable(module: str, variable: str, value: 
     assert "configuration error" in lines[0], done.stderr
     assert "Traceback" not in done.stderr, done.stderr
     assert "key-one" not in done.stderr + done.stdout
+
+
+def test_the_comfydeploy_rate_limit_is_shared_by_the_processes_using_the_key() -> None:
+    config = load(WorkflowsConfig, {"COMFYDEPLOY_RATE_LIMIT": "30", "COMFYDEPLOY_PROCESSES_PER_KEY": "3"})
+    assert config.comfydeploy_rate_per_process == 10.0
+    assert load(ComfyUIConfig, {}).comfydeploy_rate_per_process == 10.0  # 20/s shared by two processes

@@ -33,7 +33,11 @@ async def build(
     upstream: ComfyDeployClient | None = None,
 ) -> WorkflowsApp:
     redis = redis_client.connect(config.redis_url)
-    client = upstream or ComfyDeployClient(config.comfydeploy_api_url, config.comfydeploy_api_key)
+    client = upstream or ComfyDeployClient(
+        config.comfydeploy_api_url,
+        config.comfydeploy_api_key,
+        rate_limit_per_second=config.comfydeploy_rate_per_process,
+    )
     cache = CatalogCache(
         redis,
         client,
