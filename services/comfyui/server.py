@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-
 from common import redis_client
-from common.channels import open_channel
 from common.bootstrap import Service, grpc_health_probe, redis_probe
+from common.channels import open_channel
 from stationthis.comfyui.v1 import comfyui_service_pb2, comfyui_service_pb2_grpc
 
 from .config import ComfyUIConfig
