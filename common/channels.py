@@ -23,8 +23,12 @@ from collections.abc import AsyncIterator, Generator, Sequence
 from typing import Any
 
 import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from .errors import DeadlineExceeded, DomainError, Relayed, Unavailable
 
 DEFAULT_TIMEOUT_SECONDS = 30.0
 RETRY_POLICY = {
@@ -62,6 +66,21 @@ def remaining(context: grpc.aio.ServicerContext | None, cap: float = DEFAULT_TIM
     if left is None:
         return cap
     return max(0.001, min(cap, left))
+
+
+def peer_error(error: grpc.aio.AioRpcError, service: str) -> DomainError:
+    """What to answer when a call to another of our services failed: its own error, unchanged, when
+    it answered one (a ``google.rpc.Status`` with an ErrorInfo); else DEPENDENCY_UNAVAILABLE (it was
+    not reached) or DEADLINE_EXCEEDED."""
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    if status is not None and any(d.Is(error_details_pb2.ErrorInfo.DESCRIPTOR) for d in status.details):
+        return Relayed(status)
+    if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return DeadlineExceeded(f"{service} did not answer in time", reason="DEADLINE_EXCEEDED",
+                                metadata={"service": service})  # fmt: skip
+    return Unavailable(
+        f"{service} is not available; retry", reason="DEPENDENCY_UNAVAILABLE", metadata={"service": service}
+    )
 
 
 def _start(method: str, metadata: Any) -> tuple[trace.Span, list[tuple[str, str]]]:

@@ -109,6 +109,17 @@ class Unimplemented(DomainError):
     default_reason = "UNIMPLEMENTED"
 
 
+class Relayed(DomainError):
+    """An error another of our services answered, passed on unchanged: its code, message, domain and
+    details (e.g. the catalog's INVALID_INPUTS with its field violations, the ledger's
+    INSUFFICIENT_POINTS)."""
+
+    def __init__(self, status: status_pb2.Status) -> None:
+        super().__init__(status.message, reason="RELAYED")
+        self.status = status
+        self.code = next((c for c in grpc.StatusCode if c.value[0] == status.code), grpc.StatusCode.UNKNOWN)
+
+
 def _pack(message: object) -> any_pb2.Any:
     packed = any_pb2.Any()
     packed.Pack(message)  # type: ignore[arg-type]
@@ -117,6 +128,8 @@ def _pack(message: object) -> any_pb2.Any:
 
 def to_rpc_status(error: DomainError, domain: str) -> status_pb2.Status:
     """The ``google.rpc.Status`` for ``error``, with ErrorInfo and, if any, BadRequest details."""
+    if isinstance(error, Relayed):
+        return error.status
     status = status_pb2.Status(code=error.code.value[0], message=error.message)
     status.details.append(
         _pack(error_details_pb2.ErrorInfo(reason=error.reason, domain=domain, metadata=error.metadata))

@@ -20,9 +20,11 @@ GPU_NAMES: Mapping[int, str] = MappingProxyType(
     }
 )
 # Upstream name -> GpuType value.
-GPU_TYPES: Mapping[str, int] = MappingProxyType({name: number for number, name in GPU_NAMES.items()})
+GPU_TYPES: Mapping[str, gpu_pb2.GpuType] = MappingProxyType(
+    {name: getattr(gpu_pb2, f"GPU_TYPE_{name.replace('-', '_')}") for name in GPU_NAMES.values()}
+)
 
 
-def gpu_type(name: str | None) -> int:
+def gpu_type(name: str | None) -> gpu_pb2.GpuType:
     """The GpuType value of an upstream GPU name; GPU_TYPE_UNSPECIFIED (0) when unknown or empty."""
     return GPU_TYPES.get(name or "", gpu_pb2.GPU_TYPE_UNSPECIFIED)
