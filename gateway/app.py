@@ -22,11 +22,12 @@ from google.rpc import status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route as StarletteRoute
 
 from common import telemetry
+from common.errors import internal_status
 from stationthis.comfyui.v1 import comfyui_service_pb2
 from stationthis.points.v1 import points_service_pb2
 from stationthis.workflows.v1 import workflows_service_pb2
@@ -121,7 +122,15 @@ class Gateway:
 
     async def handle(self, request: Request) -> Response:
         start = time.perf_counter()
-        response = await self._handle(request)
+        try:
+            response = await self._handle(request)
+        except ClientDisconnect:
+            status = transcode.simple_status(grpc.StatusCode.CANCELLED, "the client went away", "CLIENT_CLOSED_REQUEST")
+            response = _error(status)
+        except Exception:
+            # Last resort: whatever went wrong is logged, and the client gets the one error shape.
+            log.exception("unexpected error answering %s %s", request.method, request.url.path)
+            response = _error(internal_status(transcode.DOMAIN))
         log.info(
             "%s %s %d",
             request.method,
@@ -208,6 +217,9 @@ class Gateway:
                 yield _event("result", {"result": transcode.to_json(item)})
         except grpc.aio.AioRpcError as exc:
             yield _event("error", transcode.error_body(_status_of(exc)))
+        except Exception:
+            log.exception("unexpected error in an event stream")
+            yield _event("error", transcode.error_body(internal_status(transcode.DOMAIN)))
 
     async def ready(self) -> tuple[bool, dict[str, str]]:
         states: dict[str, str] = {}
@@ -223,7 +235,11 @@ class Gateway:
 
 
 def _status_of(exc: grpc.aio.AioRpcError) -> status_pb2.Status:
-    rich = rpc_status.from_call(exc)  # type: ignore[arg-type]
+    try:
+        rich = rpc_status.from_call(exc)  # type: ignore[arg-type]
+    except ValueError:  # a rich status that contradicts the call's own code: use the call's
+        log.warning("inconsistent rich status from %s", exc.code().name, exc_info=True)
+        rich = None
     if rich is not None:
         return rich
     return status_pb2.Status(code=exc.code().value[0], message=exc.details() or exc.code().name)
@@ -251,8 +267,14 @@ def create_app(config: GatewayConfig) -> Starlette:
         ok, states = await gateway.ready()
         return JSONResponse({"ready": ok, "services": states}, status_code=200 if ok else 503)
 
+    async def internal_error(request: Request, exc: Exception) -> Response:
+        # Gateway.handle answers its own errors; this covers everything else (e.g. /readyz).
+        log.error("unexpected error answering %s %s", request.method, request.url.path, exc_info=exc)
+        return _error(internal_status(transcode.DOMAIN))
+
     methods: Sequence[str] = ["GET", "POST", "PUT", "PATCH", "DELETE"]
     app = Starlette(
+        exception_handlers={Exception: internal_error},
         routes=[
             StarletteRoute("/healthz", healthz, methods=["GET"]),
             StarletteRoute("/readyz", readyz, methods=["GET"]),
