@@ -22,7 +22,7 @@ from typing import Any
 
 from opentelemetry import metrics, propagate, trace
 from opentelemetry.baggage.propagation import W3CBaggagePropagator
-from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor
+from opentelemetry.instrumentation.grpc import aio_server_interceptor
 from opentelemetry.propagators.composite import CompositePropagator
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
@@ -89,12 +89,6 @@ def _instrument_clients() -> None:
 def server_interceptor() -> Any:
     """The grpc.aio server interceptor that continues the caller's trace."""
     return aio_server_interceptor(filter_=_traced)
-
-
-def client_interceptors() -> list[Any]:
-    """grpc.aio client interceptors that start a span and send ``traceparent``."""
-    interceptors: list[Any] = aio_client_interceptors(filter_=_traced)
-    return interceptors
 
 
 def setup_metrics(service_name: str, listen_addr: str, environ: Mapping[str, str] | None = None) -> int | None:

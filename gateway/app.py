@@ -26,7 +26,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route as StarletteRoute
 
-from common import telemetry
+from common.channels import TracedChannel, open_channel
 from common.errors import internal_status
 from stationthis.comfyui.v1 import comfyui_service_pb2
 from stationthis.points.v1 import points_service_pb2
@@ -69,15 +69,15 @@ class Gateway:
             "stationthis.comfyui.v1.ComfyUIService": config.comfyui_service_addr,
         }
         self._keys = [key.encode() for key in config.api_keys]
-        self.channels: dict[str, grpc.aio.Channel] = {}
+        self.channels: dict[str, TracedChannel] = {}
 
     # --- lifecycle -------------------------------------------------------------------------------
 
     async def open(self) -> None:
-        by_address: dict[str, grpc.aio.Channel] = {}
+        by_address: dict[str, TracedChannel] = {}
         for service, address in self.addresses.items():
             if address not in by_address:
-                by_address[address] = grpc.aio.insecure_channel(address, interceptors=telemetry.client_interceptors())
+                by_address[address] = open_channel(address, self.config.rpc_timeout_seconds)
             self.channels[service] = by_address[address]
 
     async def close(self) -> None:
@@ -225,7 +225,7 @@ class Gateway:
         states: dict[str, str] = {}
         for service, channel in self.channels.items():
             try:
-                reply = await health_pb2_grpc.HealthStub(channel).Check(
+                reply = await health_pb2_grpc.HealthStub(channel.channel).Check(  # bare: probes stay untraced
                     health_pb2.HealthCheckRequest(service=service), timeout=1.0
                 )
                 states[service] = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
