@@ -12,10 +12,10 @@ Retry policy (see the README of this package for the reasons):
   pooled connection free in time).
 * Calls that are safe to repeat (GETs, cancel, upload, create_deployment which is an upsert) also
   retry 429, 502, 503, 504, read/write timeouts and dropped connections.
-* ``queue_run`` and ``upload_workflow`` are not idempotent upstream (§7). Once their request may have
-  reached the server, a timeout, a dropped connection, a 502/503/504 or a 2xx without a readable body
-  raises ``OutcomeUnknown`` and is never re-sent. A 429 is still retried: it is a refusal, the request
-  was not processed.
+* ``queue_run``, ``upload_workflow`` and ``create_workflow_version`` are not idempotent upstream (§7).
+  Once their request may have reached the server, a timeout, a dropped connection, a 502/503/504 or a
+  2xx without a readable body raises ``OutcomeUnknown`` and is never re-sent. A 429 is still retried:
+  it is a refusal, the request was not processed.
 * 500 is not retried: ComfyDeploy's 500s are deterministic application answers (§2.3, §2.5).
 * Waits are full-jitter exponential backoff; Retry-After (429/503) is waited exactly, unless it is
   longer than ``retry_after_cap`` or the deadline, in which case the error is raised at once.
@@ -29,7 +29,7 @@ import json
 import logging
 import random as _random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -42,6 +42,7 @@ from . import errors as e
 from .metrics import ClientMetrics
 from .models import (
     Deployment,
+    DeploymentRun,
     Machine,
     QueuedRun,
     Run,
@@ -88,6 +89,8 @@ UPLOAD_FILE = Endpoint("POST /file/upload")  # a repeat only leaves an unreferen
 LIST_DEPLOYMENTS = Endpoint("GET /deployments", not_found_as_500=True)
 GET_DEPLOYMENT = Endpoint("GET /deployment/{deployment_id}", not_found_as_500=True)
 CREATE_DEPLOYMENT = Endpoint("POST /deployment")  # upsert on deployment_id or (workflow_id, environment)
+# Every failure, not-found and another tenant's deployment included, is a 500 (upstream code catches all).
+LIST_DEPLOYMENT_RUNS = Endpoint("GET /deployment/{deployment_id}/runs", not_found_as_500=True)
 LIST_MACHINES = Endpoint("GET /machines")
 GET_MACHINE = Endpoint("GET /machine/{machine_id}")
 LIST_WORKFLOWS = Endpoint("GET /workflows")
@@ -95,6 +98,8 @@ GET_WORKFLOW = Endpoint("GET /workflow/{workflow_id}")
 LIST_WORKFLOW_VERSIONS = Endpoint("GET /workflow/{workflow_id}/versions")
 GET_WORKFLOW_VERSION = Endpoint("GET /workflow-version/{version_id}")
 UPLOAD_WORKFLOW = Endpoint("POST /workflow", idempotent=False)
+# §2.5: every error is a 500 whose detail carries the real one, e.g. "404: Workflow not found".
+CREATE_WORKFLOW_VERSION = Endpoint("POST /workflow/{workflow_id}/version", idempotent=False, not_found_as_500=True)
 
 _NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 _RETRY_STATUSES = frozenset({429, 502, 503, 504})
@@ -131,6 +136,30 @@ def _segment(value: str, what: str) -> str:
 
 def _bool_param(value: bool) -> str:
     return "true" if value else "false"
+
+
+def _present(**fields: Any) -> dict[str, Any]:
+    """The optional body fields that are set (upstream reads an absent field as its default)."""
+    return {name: value for name, value in fields.items() if value is not None}
+
+
+def _page_params(limit: int | None, offset: int) -> dict[str, str]:
+    if limit is not None and limit < 1:
+        raise ValueError("limit must be >= 1")
+    if offset < 0:
+        raise ValueError("offset must be >= 0")
+    params: dict[str, str] = {}
+    if limit is not None:
+        params["limit"] = str(limit)
+    if offset or limit is not None:
+        params["offset"] = str(offset)
+    return params
+
+
+def _newest_first(items: Iterable[T], stamp: Callable[[T], datetime | None]) -> list[T]:
+    """``items`` by ``stamp`` descending; equal stamps keep their order, items without one go last."""
+    floor = datetime.min.replace(tzinfo=UTC)
+    return sorted(items, key=lambda item: stamp(item) or floor, reverse=True)
 
 
 class _Attempt:
@@ -309,18 +338,66 @@ class ComfyDeployClient:
         merged: dict[str, Deployment] = {}
         for deployment in [*regular.result(), *fluid.result()]:
             merged.setdefault(deployment.id, deployment)
-        floor = datetime.min.replace(tzinfo=UTC)
-        return sorted(
-            merged.values(),
-            key=lambda d: d.updated_at or floor,
-            reverse=True,
-        )
+        return _newest_first(merged.values(), lambda d: d.updated_at)
 
     async def get_deployment(self, deployment_id: str, *, deadline: float | None = None) -> Deployment:
         """``GET /deployment/{id}``. Upstream answers not-found with 500 (kept as ``ServerError``)."""
         path = f"deployment/{_segment(deployment_id, 'deployment_id')}"
         data = await self._call(GET_DEPLOYMENT, "GET", path, deadline=deadline)
         return self._parse(GET_DEPLOYMENT, Deployment.from_json, data)
+
+    async def list_deployment_runs(
+        self, deployment_id: str, *, limit: int = 60, offset: int = 0, deadline: float | None = None
+    ) -> list[DeploymentRun]:
+        """``GET /deployment/{id}/runs``: one page (``limit`` rows from ``offset``) of the deployment's runs,
+        newest first. Upstream reports every failure, an unknown deployment included, as a 500
+        (``ServerError`` with ``maybe_not_found``). Rows without an ``id`` are skipped; a bare list
+        instead of ``{"data": [...]}`` is accepted too."""
+        runs, _rows = await self._deployment_runs(deployment_id, limit, offset, deadline)
+        return runs
+
+    async def iter_deployment_runs(
+        self,
+        deployment_id: str,
+        *,
+        created_after: datetime | None = None,
+        page_size: int = 60,
+        max_runs: int = 1000,
+        deadline: float | None = None,
+    ) -> AsyncIterator[DeploymentRun]:
+        """The deployment's runs, newest first, page after page, each run once; stops at the first run
+        created before ``created_after`` (allow for clock skew), after ``max_runs`` runs, or at the end.
+
+        Pages are offsets, so a run created meanwhile shifts the rest down by one: that repeats a run
+        across a page boundary (skipped here), it never hides one. Errors are those of
+        ``list_deployment_runs``; ``deadline`` bounds every page."""
+        seen: set[str] = set()
+        offset = 0
+        while True:
+            page, rows = await self._deployment_runs(deployment_id, page_size, offset, deadline)
+            for run in page:
+                if run.id in seen:
+                    continue
+                if created_after is not None and run.created_at is not None and run.created_at < created_after:
+                    return
+                seen.add(run.id)
+                yield run
+                if len(seen) >= max_runs:
+                    return
+            if rows < page_size:  # upstream's row count: a skipped malformed row does not end the walk
+                return
+            offset += page_size
+
+    async def _deployment_runs(
+        self, deployment_id: str, limit: int, offset: int, deadline: float | None
+    ) -> tuple[list[DeploymentRun], int]:
+        """A page of runs, newest first, and how many rows upstream sent."""
+        params = {**_page_params(limit, offset), "filter_user_runs": "false"}
+        path = f"deployment/{_segment(deployment_id, 'deployment_id')}/runs"
+        data = await self._call(LIST_DEPLOYMENT_RUNS, "GET", path, params=params, deadline=deadline)
+        rows = data.get("data") if isinstance(data, Mapping) else data
+        runs = self._parse_list(LIST_DEPLOYMENT_RUNS, DeploymentRun.from_json, rows)  # rows is a list past this
+        return _newest_first(runs, lambda run: run.created_at), len(rows) if isinstance(rows, list) else len(runs)
 
     async def create_deployment(
         self,
@@ -340,13 +417,14 @@ class ComfyDeployClient:
             "workflow_version_id": workflow_version_id,
             "environment": environment,
         }
-        optional = {
-            "machine_id": machine_id,
-            "machine_version_id": machine_version_id,
-            "description": description,
-            "deployment_id": deployment_id,
-        }
-        body.update({k: v for k, v in optional.items() if v is not None})
+        body.update(
+            _present(
+                machine_id=machine_id,
+                machine_version_id=machine_version_id,
+                description=description,
+                deployment_id=deployment_id,
+            )
+        )
         data = await self._call(CREATE_DEPLOYMENT, "POST", "deployment", json=body, deadline=deadline)
         if isinstance(data, Mapping) and "id" not in data and "deployment_id" in data:
             data = {"id": data["deployment_id"], **data}
@@ -354,10 +432,20 @@ class ComfyDeployClient:
 
     # ------------------------------------------------------------------ machines
 
-    async def list_machines(self, *, include_deleted: bool = False, deadline: float | None = None) -> list[Machine]:
-        """``GET /machines``; deleted machines only when asked (upstream includes them by default)."""
-        params = None if include_deleted else {"is_deleted": "false"}
-        data = await self._call(LIST_MACHINES, "GET", "machines", params=params, deadline=deadline)
+    async def list_machines(
+        self,
+        *,
+        include_deleted: bool = False,
+        limit: int | None = None,
+        offset: int = 0,
+        deadline: float | None = None,
+    ) -> list[Machine]:
+        """``GET /machines``; deleted machines only when asked (upstream includes them by default).
+        Upstream returns at most ``limit`` (default 100) from ``offset``."""
+        params = _page_params(limit, offset)
+        if not include_deleted:
+            params["is_deleted"] = "false"
+        data = await self._call(LIST_MACHINES, "GET", "machines", params=params or None, deadline=deadline)
         return self._parse_list(LIST_MACHINES, Machine.from_json, data)
 
     async def get_machine(self, machine_id: str, *, deadline: float | None = None) -> Machine:
@@ -387,9 +475,13 @@ class ComfyDeployClient:
         data = await self._call(GET_WORKFLOW, "GET", path, params=params, deadline=deadline)
         return self._parse(GET_WORKFLOW, Workflow.from_json, data)
 
-    async def list_workflow_versions(self, workflow_id: str, *, deadline: float | None = None) -> list[WorkflowVersion]:
+    async def list_workflow_versions(
+        self, workflow_id: str, *, limit: int | None = None, offset: int = 0, deadline: float | None = None
+    ) -> list[WorkflowVersion]:
+        """``GET /workflow/{id}/versions``: newest first, at most ``limit`` (upstream default 100) from ``offset``."""
         path = f"workflow/{_segment(workflow_id, 'workflow_id')}/versions"
-        data = await self._call(LIST_WORKFLOW_VERSIONS, "GET", path, deadline=deadline)
+        params = _page_params(limit, offset)
+        data = await self._call(LIST_WORKFLOW_VERSIONS, "GET", path, params=params or None, deadline=deadline)
         return self._parse_list(LIST_WORKFLOW_VERSIONS, WorkflowVersion.from_json, data)
 
     async def get_workflow_version(self, version_id: str, *, deadline: float | None = None) -> WorkflowVersion:
@@ -417,6 +509,26 @@ class ComfyDeployClient:
             body["machine_id"] = machine_id
         data = await self._call(UPLOAD_WORKFLOW, "POST", "workflow", json=body, deadline=deadline)
         return self._parse(UPLOAD_WORKFLOW, UploadedWorkflow.from_json, data)
+
+    async def create_workflow_version(
+        self,
+        workflow_id: str,
+        workflow: Mapping[str, Any],
+        workflow_api: Mapping[str, Any],
+        *,
+        comment: str | None = None,
+        machine_id: str | None = None,
+        deadline: float | None = None,
+    ) -> WorkflowVersion:
+        """``POST /workflow/{id}/version``: the next version (max + 1), documents sent as JSON objects.
+        Not idempotent: like ``upload_workflow`` it raises ``OutcomeUnknown`` rather than re-sending.
+        Upstream reports every error as a 500 whose detail holds the real one (``"404: Workflow not
+        found"``, ``"404: Machine not found"``): ``ServerError`` with ``maybe_not_found``."""
+        body = {"workflow": dict(workflow), "workflow_api": dict(workflow_api)}
+        body.update(_present(comment=comment, machine_id=machine_id))
+        path = f"workflow/{_segment(workflow_id, 'workflow_id')}/version"
+        data = await self._call(CREATE_WORKFLOW_VERSION, "POST", path, json=body, deadline=deadline)
+        return self._parse(CREATE_WORKFLOW_VERSION, WorkflowVersion.from_json, data)
 
     # ------------------------------------------------------------------ machinery
 

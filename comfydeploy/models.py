@@ -285,6 +285,22 @@ class RunOutput:
         return items
 
 
+def _run_fields(data: Mapping[str, Any]) -> dict[str, Any]:
+    """What every upstream view of a run carries: ``GET /run/{id}`` and a deployment's run list."""
+    return {
+        "status": _str(data.get("status")) or "unknown",
+        "workflow_id": _str(data.get("workflow_id")),
+        "workflow_version_id": _str(data.get("workflow_version_id")),
+        "machine_id": _str(data.get("machine_id")),
+        "origin": _str(data.get("origin")),
+        "gpu": _str(data.get("gpu")),
+        "created_at": parse_datetime(data.get("created_at")),
+        "started_at": parse_datetime(data.get("started_at")),
+        "ended_at": parse_datetime(data.get("ended_at")),
+        "duration": _float(data.get("duration")),
+    }
+
+
 @dataclass(frozen=True)
 class Run:
     id: str
@@ -316,22 +332,13 @@ class Run:
         outputs = tuple(o for o in (RunOutput.from_json(x) for x in _list(data.get("outputs"))) if o is not None)
         return cls(
             id=ident,
-            status=_str(data.get("status")) or "unknown",
+            **_run_fields(data),
             progress=_float(data.get("progress")) or 0.0,
             live_status=_str(data.get("live_status")),
-            workflow_id=_str(data.get("workflow_id")),
-            workflow_version_id=_str(data.get("workflow_version_id")),
-            machine_id=_str(data.get("machine_id")),
-            origin=_str(data.get("origin")),
-            gpu=_str(data.get("gpu")),
             workflow_inputs=_dict(data.get("workflow_inputs")),
             outputs=outputs,
-            created_at=parse_datetime(data.get("created_at")),
             updated_at=parse_datetime(data.get("updated_at")),
             queued_at=parse_datetime(data.get("queued_at")),
-            started_at=parse_datetime(data.get("started_at")),
-            ended_at=parse_datetime(data.get("ended_at")),
-            duration=_float(data.get("duration")),
             run_duration=_float(data.get("run_duration")),
             cold_start_duration=_float(data.get("cold_start_duration")),
             queue_position=_int(data.get("queue_position")),
@@ -350,6 +357,44 @@ class Run:
     def media(self) -> list[MediaItem]:
         """All outputs flattened into media items (images, gifs, videos, audio, files, text)."""
         return [item for output in self.outputs for item in output.media()]
+
+
+@dataclass(frozen=True)
+class DeploymentRun:
+    """One row of ``GET /deployment/{id}/runs`` (§2.5): a run without its inputs and outputs.
+
+    ``duration`` is upstream's ``ended_at - started_at`` in seconds (sent as text, or null).
+    """
+
+    id: str
+    status: str
+    created_at: datetime | None
+    started_at: datetime | None
+    ended_at: datetime | None
+    workflow_id: str | None
+    workflow_version_id: str | None
+    machine_id: str | None
+    deployment_id: str | None
+    user_id: str | None
+    gpu: str | None
+    origin: str | None
+    duration: float | None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, data: Any) -> DeploymentRun:
+        data, ident = _require(data, "id", "deployment run")
+        return cls(
+            id=ident,
+            **_run_fields(data),
+            deployment_id=_str(data.get("deployment_id")),
+            user_id=_str(data.get("user_id")),
+            extra=_rest(data),
+        )
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status in TERMINAL_STATUSES
 
 
 @dataclass(frozen=True)
@@ -516,6 +561,12 @@ class Machine:
     concurrency_limit: int | None
     created_at: datetime | None
     updated_at: datetime | None
+    # Settings GET /machine/{id} returns and GET /machines omits (None when absent).
+    run_timeout: float | None = None
+    idle_timeout: float | None = None
+    keep_warm: int | None = None
+    comfyui_version: str | None = None
+    machine_version: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -532,6 +583,11 @@ class Machine:
             concurrency_limit=_int(data.get("concurrency_limit")),
             created_at=parse_datetime(data.get("created_at")),
             updated_at=parse_datetime(data.get("updated_at")),
+            run_timeout=_float(data.get("run_timeout")),
+            idle_timeout=_float(data.get("idle_timeout")),
+            keep_warm=_int(data.get("keep_warm")),
+            comfyui_version=_str(data.get("comfyui_version")),
+            machine_version=_str(data.get("machine_version")),
             extra=_rest(data),
         )
 
@@ -553,6 +609,8 @@ class Deployment:
     version: WorkflowVersion | None
     created_at: datetime | None
     updated_at: datetime | None
+    concurrency_limit: int | None = None
+    run_timeout: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -575,6 +633,8 @@ class Deployment:
             version=_version_or_none(data.get("version")),
             created_at=parse_datetime(data.get("created_at")),
             updated_at=parse_datetime(data.get("updated_at")),
+            concurrency_limit=_int(data.get("concurrency_limit")),
+            run_timeout=_float(data.get("run_timeout")),
             extra=_rest(data),
         )
 

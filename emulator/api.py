@@ -294,6 +294,38 @@ async def get_deployment(request: Request) -> Response:
     return JSONResponse(views.deployment(emu.store, row))
 
 
+RUNS_ERROR = "Internal server error: "
+
+
+async def list_deployment_runs(request: Request) -> Response:
+    """``GET /deployment/{id}/runs`` (§2.5), newest first. Upstream (comfy-deploy/api deployments.py
+    ``get_deployment_runs``) wraps every failure in a 500: an unknown id dereferences None, another
+    tenant's deployment raises a 401 that its own ``except`` turns into a 500."""
+    emu, tenant = _emu(request), _tenant(request)
+    limit = query_int(request, "limit", 60) or 0
+    offset = query_int(request, "offset", 0) or 0
+    only_mine = query_bool(request, "filter_user_runs", False)
+    row = emu.store.deployments.get(request.path_params["deployment_id"])
+    if row is None:
+        raise ApiError(500, RUNS_ERROR + "'NoneType' object has no attribute 'environment'")
+    if row["environment"] not in SHARE_ENVIRONMENTS and not tenant.owns(row):
+        raise ApiError(500, RUNS_ERROR + "401: Unauthorized access to deployment")
+
+    def visible(run: Run) -> bool:  # filter_user_runs: the caller's own runs; else the tenant rule (§1)
+        if only_mine:
+            return run.user_id == tenant.user_id
+        return tenant.owns({"user_id": run.user_id, "org_id": run.org_id})
+
+    runs = [run for run in emu.store.runs.values() if run.deployment_id == row["id"] and visible(run)]
+    runs.sort(key=lambda run: run.created_at, reverse=True)
+    return JSONResponse(
+        {
+            "data": [views.deployment_run(run) for run in runs[offset : offset + limit]],
+            "meta": {"totalRowCount": 0, "filterRowCount": 0, "chartData": []},
+        }
+    )
+
+
 DEPLOYMENT_FIELDS = {
     "workflow_version_id": Field(to_uuid, required=True),
     "workflow_id": Field(to_uuid, required=True),
@@ -724,6 +756,7 @@ ROUTES = [
     Route("/api/deployment", create_deployment, methods=["POST"], name="create_deployment"),
     Route("/api/deployment/{deployment_id}", get_deployment, methods=["GET"], name="get_deployment"),
     Route("/api/deployment/{deployment_id}", update_deployment, methods=["PATCH"], name="update_deployment"),
+    Route("/api/deployment/{deployment_id}/runs", list_deployment_runs, methods=["GET"], name="list_deployment_runs"),
     Route("/api/machines", list_machines, methods=["GET"], name="list_machines"),
     Route("/api/machine/{machine_id}", get_machine, methods=["GET"], name="get_machine"),
     Route("/api/workflows", list_workflows, methods=["GET"], name="list_workflows"),
@@ -751,6 +784,7 @@ GROUPS = {
     "create_deployment": "deployments",
     "get_deployment": "deployments",
     "update_deployment": "deployments",
+    "list_deployment_runs": "deployments",
     "list_machines": "machines",
     "get_machine": "machines",
     "list_workflows": "workflows",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from . import graph
@@ -117,6 +117,32 @@ def run(record: Run, queue_position: int | None = None) -> dict[str, Any]:
         "cold_start_duration_total": _seconds(record.started_at, record.created_at),
         "run_duration": _seconds(record.ended_at, record.started_at),
         "queue_position": queue_position,
+    }
+
+
+def _naive_iso(moment: datetime | None) -> str | None:
+    """``datetime.isoformat()`` of upstream's naive UTC column: no ``Z``, unlike the pydantic models."""
+    return None if moment is None else moment.astimezone(UTC).replace(tzinfo=None).isoformat()
+
+
+def deployment_run(record: Run) -> dict[str, Any]:
+    """One ``GET /deployment/{id}/runs`` row (§2.5). As upstream builds it by hand: timestamps from
+    ``isoformat()`` and ``duration`` (``ended_at - started_at``) as text, null when unknown or zero."""
+    duration = _seconds(record.ended_at, record.started_at)
+    return {
+        "id": record.id,
+        "status": record.status,
+        "created_at": _naive_iso(record.created_at),
+        "started_at": _naive_iso(record.started_at),
+        "ended_at": _naive_iso(record.ended_at),
+        "workflow_id": record.workflow_id,
+        "workflow_version_id": record.workflow_version_id,
+        "machine_id": record.machine_id,
+        "gpu": record.gpu,
+        "origin": record.origin,
+        "user_id": record.user_id,
+        "deployment_id": record.deployment_id,
+        "duration": str(duration) if duration else None,
     }
 
 

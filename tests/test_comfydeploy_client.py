@@ -35,7 +35,7 @@ from comfydeploy import (
     to_domain_error,
 )
 from comfydeploy import errors as cd_errors
-from comfydeploy.models import parse_datetime
+from comfydeploy.models import DeploymentRun, parse_datetime
 from common import errors as domain
 from devtools.redis_server import free_port
 from emulator.testing import DEPLOYMENTS, MACHINES, WORKFLOWS, RunningEmulator
@@ -680,3 +680,95 @@ def test_client_rejects_a_key_that_would_break_the_header_without_echoing_it() -
     with pytest.raises(ValueError) as raised:
         ComfyDeployClient("http://127.0.0.1:1/api", "secret with spaces")
     assert "secret" not in str(raised.value)
+
+
+# --------------------------------------------------------------------------- deployment runs, versions
+
+
+async def test_list_deployment_runs_newest_first_by_offset(client: ComfyDeployClient) -> None:
+    deployment = DEPLOYMENTS["text2img-preview"]
+    ids = [(await client.queue_run(deployment, {})).run_id for _ in range(5)]
+    newest_first = ids[::-1]
+    runs = await client.list_deployment_runs(deployment)
+    assert [run.id for run in runs] == newest_first
+    assert all(isinstance(run, DeploymentRun) and run.deployment_id == deployment for run in runs)
+    assert runs[0].created_at is not None and runs[0].created_at.tzinfo is not None  # naive upstream text = UTC
+    assert runs[0].workflow_id == WORKFLOWS["text2img"] and runs[0].machine_id == MACHINES["StationthisHun"]
+    assert [r.id for r in await client.list_deployment_runs(deployment, limit=2, offset=2)] == newest_first[2:4]
+    with pytest.raises(ValueError):
+        await client.list_deployment_runs(deployment, limit=0)
+
+    walked = [run.id async for run in client.iter_deployment_runs(deployment, page_size=2)]
+    assert walked == newest_first
+    cut = runs[2].created_at
+    assert [run.id async for run in client.iter_deployment_runs(deployment, created_after=cut)] == newest_first[:3]
+    assert [run.id async for run in client.iter_deployment_runs(deployment, max_runs=2)] == newest_first[:2]
+
+    # A run created between two pages shifts the rest down: repeated rows are skipped, none is missed.
+    pages = client.iter_deployment_runs(deployment, page_size=2)
+    seen = [(await anext(pages)).id, (await anext(pages)).id]
+    newer = (await client.queue_run(deployment, {})).run_id
+    seen += [run.id async for run in pages]
+    assert seen == newest_first and newer not in seen
+
+
+async def test_list_deployment_runs_reports_the_500_quirk(emulator: RunningEmulator, client: ComfyDeployClient) -> None:
+    for deployment_id in (MISSING_RUN, DEPLOYMENTS["other-tenant"]):
+        with pytest.raises(ServerError) as raised:
+            await client.list_deployment_runs(deployment_id)
+        assert raised.value.status == 500 and raised.value.maybe_not_found
+    assert client.breaker_state is BreakerState.CLOSED
+
+
+def test_deployment_run_parser_is_lenient() -> None:
+    run = DeploymentRun.from_json(
+        {"id": "r1", "created_at": "2025-10-12T12:00:00.5", "duration": "12.5", "gpu": None, "novel": 1}
+    )
+    assert run.created_at == datetime(2025, 10, 12, 12, 0, 0, 500000, tzinfo=UTC)
+    assert (run.duration, run.gpu, run.status, run.extra) == (12.5, None, "unknown", {"novel": 1})
+    assert not run.is_terminal and DeploymentRun.from_json({"id": "r2", "status": "failed"}).is_terminal
+    with pytest.raises(ValueError):
+        DeploymentRun.from_json({"status": "success"})
+
+
+async def test_create_workflow_version(emulator: RunningEmulator, client: ComfyDeployClient) -> None:
+    versions = await client.list_workflow_versions(WORKFLOWS["text2img"])
+    source = await client.get_workflow_version(versions[0].id)
+    assert source.workflow_api is not None
+    created = await client.create_workflow_version(
+        WORKFLOWS["text2img"], source.workflow, source.workflow_api, comment="tweak", machine_id=MACHINES["TRIPO"]
+    )
+    assert (created.version, created.comment, created.workflow_id) == (3, "tweak", WORKFLOWS["text2img"])
+    assert created.machine_id == MACHINES["TRIPO"]
+    assert (await client.get_workflow_version(created.id)).workflow_api == source.workflow_api
+    assert [v.version for v in await client.list_workflow_versions(WORKFLOWS["text2img"], limit=1, offset=1)] == [2]
+
+    with pytest.raises(ServerError) as raised:  # every error is a 500 carrying the real one
+        await client.create_workflow_version(MISSING_RUN, {}, {})
+    assert (raised.value.status, raised.value.detail, raised.value.maybe_not_found) == (
+        500,
+        "404: Workflow not found",
+        True,
+    )
+    assert await route_count(emulator, "POST /api/workflow/{workflow_id}/version") == 2  # a 500 is not retried
+
+
+async def test_create_workflow_version_is_never_re_sent(emulator: RunningEmulator, client: ComfyDeployClient) -> None:
+    graph = {"1": {"class_type": "X", "inputs": {}}}
+    await emulator.set_faults(next_errors=[{"route": "workflows", "action": "drop"}])
+    with pytest.raises(OutcomeUnknown):
+        await client.create_workflow_version(WORKFLOWS["toon"], {}, graph)
+    await emulator.set_faults(next_errors=[{"route": "workflows", "status": 503}])
+    with pytest.raises(OutcomeUnknown) as raised:
+        await client.create_workflow_version(WORKFLOWS["toon"], {}, graph)
+    assert raised.value.status == 503
+    assert await route_count(emulator, "POST /api/workflow/{workflow_id}/version") == 2
+
+
+async def test_list_machines_by_page(client: ComfyDeployClient) -> None:
+    everything = await client.list_machines(include_deleted=True)
+    page = await client.list_machines(include_deleted=True, limit=2, offset=1)
+    assert [m.id for m in page] == [m.id for m in everything[1:3]]
+    machine = await client.get_machine(MACHINES["fluxdev"])
+    assert (machine.run_timeout, machine.idle_timeout, machine.keep_warm) == (300, 60, 0)
+    assert machine.comfyui_version and machine.machine_version

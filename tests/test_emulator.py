@@ -622,3 +622,39 @@ async def test_main_requires_api_keys():
         [PYTHON, "-m", "emulator"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=30, check=False
     )
     assert done.returncode == 2 and "EMULATOR_LISTEN_ADDR" in done.stderr
+
+
+# --- deployment runs ------------------------------------------------------------------------------------
+
+DEPLOYMENT_RUN_KEYS = {
+    "id", "status", "created_at", "started_at", "ended_at", "workflow_id", "workflow_version_id", "machine_id",
+    "gpu", "origin", "user_id", "deployment_id", "duration",
+}  # fmt: skip
+
+
+async def test_deployment_runs_newest_first_by_offset_with_upstream_shapes(api, emulator):
+    deployment = DEPLOYMENTS["text2img-preview"]
+    first = await queue(api, "text2img-preview")
+    second = await queue(api, "text2img-preview")
+    await queue(api, "img2img")  # another deployment's run is not listed
+    body = (await api.get(f"/deployment/{deployment}/runs")).json()
+    assert body["meta"] == {"totalRowCount": 0, "filterRowCount": 0, "chartData": []}
+    assert [row["id"] for row in body["data"]] == [second, first]
+    row = body["data"][0]
+    assert set(row) == DEPLOYMENT_RUN_KEYS
+    assert (row["deployment_id"], row["workflow_id"], row["origin"]) == (deployment, WORKFLOWS["text2img"], "api")
+    assert not row["created_at"].endswith("Z")  # built by hand with isoformat(), unlike the run model
+    params = {"limit": 1, "offset": 1, "filter_user_runs": "false"}
+    assert [r["id"] for r in (await api.get(f"/deployment/{deployment}/runs", params=params)).json()["data"]] == [first]
+
+    await emulator.wait_run(first)
+    finished = next(r for r in (await api.get(f"/deployment/{deployment}/runs")).json()["data"] if r["id"] == first)
+    assert finished["status"] == "success" and float(finished["duration"]) > 0  # ended_at - started_at, as text
+
+    # Every failure is a 500: an unknown id, another tenant's deployment, a malformed id.
+    for deployment_id in ("00000000-0000-4000-8000-000000000000", DEPLOYMENTS["other-tenant"], "xyz"):
+        response = await api.get(f"/deployment/{deployment_id}/runs")
+        assert response.status_code == 500 and response.json()["detail"].startswith("Internal server error: ")
+    async with emulator.client(emulator.other_api_key) as other:
+        assert (await other.get(f"/deployment/{deployment}/runs")).status_code == 500
+    assert (await emulator.stats())["routes"]["GET /api/deployment/{deployment_id}/runs"] == 7

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from common.config import ComfyDeploySettings, RedisSettings, env, listen_address, metrics_address, service_address
+from common.config import (
+    ComfyDeploySettings,
+    RedisSettings,
+    env,
+    listen_address,
+    metrics_address,
+    positive_int,
+    service_address,
+)
 
 
 @dataclass(frozen=True)
@@ -21,4 +29,10 @@ class ComfyUIConfig(RedisSettings, ComfyDeploySettings):
         default="127.0.0.1:50052",
         parse=service_address,
         doc="Workflow catalog service address.",
+    )
+    max_upload_bytes: int = env(
+        "COMFYUI_MAX_UPLOAD_BYTES",
+        default=262_144_000,
+        parse=positive_int,
+        doc="Largest file UploadFile accepts, in bytes (ComfyUI Deploy's own limit is 250 MB = 262144000).",
     )

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from comfydeploy.client import ComfyDeployClient
 from common import redis_client
 from common.bootstrap import Service, grpc_health_probe, redis_probe
 from common.channels import open_channel
+from common.idempotency import RequestIds
 from stationthis.comfyui.v1 import comfyui_service_pb2, comfyui_service_pb2_grpc
+from stationthis.workflows.v1 import workflows_service_pb2_grpc
 
+from .admin import Upstream
 from .config import ComfyUIConfig
 from .servicer import ComfyUIServicer
 
@@ -27,9 +31,21 @@ async def build(config: ComfyUIConfig) -> ComfyUIApp:
     redis = redis_client.connect(config.redis_url)
     points = open_channel(config.points_service_addr)
     workflows = open_channel(config.workflows_service_addr)
-    servicer = ComfyUIServicer()
+    client = ComfyDeployClient(
+        config.comfydeploy_api_url,
+        config.comfydeploy_api_key,
+        rate_limit_per_second=config.comfydeploy_rate_per_process,
+    )
+    upstream = Upstream(
+        client,
+        RequestIds(redis, "cui"),
+        workflows_service_pb2_grpc.WorkflowsServiceStub(workflows),
+        config.max_upload_bytes,
+    )
+    servicer = ComfyUIServicer(upstream)
 
     async def close() -> None:
+        await client.aclose()
         await points.close()
         await workflows.close()
         await redis.aclose()
