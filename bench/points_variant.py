@@ -21,31 +21,30 @@ from typing import Any
 
 from common.main import run
 from services.points.config import PointsConfig
+from services.points.ledger import RedisLedger
 from services.points.server import PointsApp, build
 
 MODES = ("canned", "echo")
+CUT = ("reserve", "capture")  # the ledger operations whose script the variants replace
 USER = "bench-variant"
 Run = Callable[..., Awaitable[Any]]
 
 
-async def _record(ledger: Any) -> dict[str, Any]:
-    """One real reserve and capture, whose replies every later call gets."""
-    await ledger.credit(USER, uuid.uuid4().hex, "fp", qoints=10**6, reference=uuid.uuid4().hex, source="GRANT", memo="")
-    reserved = await ledger.reserve(USER, uuid.uuid4().hex, "fp", run_id="", estimate=10, ttl_ms=600_000)
-    captured = await ledger.capture(USER, uuid.uuid4().hex, "fp", hold_id=reserved["hold"]["id"], cost=10)
-    return {"reserve": reserved, "capture": captured}
-
-
-async def cut_down(ledger: Any, mode: str, replies: dict[str, Any]) -> Run:
+async def cut_down(ledger: RedisLedger, mode: str) -> None:
+    """Replace the script of ReserveHold and CaptureHold; record the replies they get with one real
+    reserve and capture first (the script's own answers: the ledger parses them as usual)."""
     real: Run = ledger._run
-    for op, reply in replies.items():
-        await ledger.redis.set(f"bench:variant:{op}", json.dumps(reply))
+    replies: dict[str, Any] = {}
     echo = ledger.redis.register_script("return redis.call('GET', ARGV[3])")
 
     async def _run(user_id: str, request: dict[str, Any], rpc: str = "", request_id: str = "") -> Any:
         op = request.get("op")
-        if op not in replies:
-            return await real(user_id, request, rpc, request_id)
+        if op not in CUT or op not in replies:  # the real script (for the CUT ops: the recording)
+            reply = await real(user_id, request, rpc, request_id)
+            if op in CUT:
+                replies[op] = reply
+                await ledger.redis.set(f"bench:variant:{op}", json.dumps(reply))
+            return reply
         if mode == "canned":
             return replies[op]
         # The ledger's own call, with its span, keys and arguments; only the script differs.
@@ -53,7 +52,10 @@ async def cut_down(ledger: Any, mode: str, replies: dict[str, Any]) -> Run:
         args = [ledger._params(user_id), json.dumps(request), f"bench:variant:{op}"]
         return json.loads(await ledger._eval(echo, op, keys, args))
 
-    return _run
+    ledger._run = _run  # type: ignore[method-assign]
+    await ledger.credit(USER, uuid.uuid4().hex, "fp", qoints=10**6, reference=uuid.uuid4().hex, source="GRANT", memo="")
+    reserved = await ledger.reserve(USER, uuid.uuid4().hex, "fp", run_id="", estimate=10, ttl_ms=600_000)
+    await ledger.capture(USER, uuid.uuid4().hex, "fp", hold_id=reserved.hold.hold_id, cost=10)
 
 
 def main() -> None:
@@ -63,8 +65,7 @@ def main() -> None:
 
     async def build_variant(config: PointsConfig) -> PointsApp:
         app = await build(config)
-        ledger = app.ledger
-        ledger._run = await cut_down(ledger, mode, await _record(ledger))  # type: ignore[method-assign]
+        await cut_down(app.ledger, mode)
         return app
 
     run("points", PointsConfig, build_variant)

@@ -251,7 +251,8 @@ class Model:
             self._write(user, "HOLD_RESERVED", request_id, hold_id, hp=from_points, hq=from_qoints)
             return {"hold": h.view(), "account": self.view(user)}
 
-        return self._idempotent("ReserveHold", request_id, (user, estimate, ttl_seconds), run)
+        # ttl unset and ttl 0 both mean the default: the same parameters (ReserveHoldRequest.ttl)
+        return self._idempotent("ReserveHold", request_id, (user, estimate, ttl_seconds or None), run)
 
     def capture(
         self, request_id: str, user: str, hold_id: str, cost_points: int | None = None, usage: Any = None
@@ -325,9 +326,9 @@ class Model:
             raise ModelError("INVALID_REQUEST")
 
         self._request_id(request_id)
-        # A reference is bound to the first user it is presented for in a valid request, even if that
-        # credit then fails (CreditQointsRequest.external_reference); it can only ever credit them.
-        if self.bound_references.setdefault(reference, user) != user:
+        # A reference is bound to the first user it is credited to; it can only ever credit them, and
+        # this check comes first (CreditQointsRequest.external_reference). A refused request binds nothing.
+        if self.bound_references.get(reference, user) != user:
             raise ModelError("DUPLICATE_EXTERNAL_REFERENCE")
 
         def run() -> Any:
@@ -335,6 +336,7 @@ class Model:
                 raise ModelError("DUPLICATE_EXTERNAL_REFERENCE")
             a = self._evaluate(user)
             self.credited_references.add(reference)
+            self.bound_references[reference] = user
             a.qoints += qoints
             self._write(user, "QOINTS_CREDITED", request_id, q=qoints)
             return {"account": self.view(user)}

@@ -145,17 +145,33 @@ class Points:
             timeout=10,
         )
 
+    async def interrupted_transfer(
+        self, sender: str, receiver: str, qoints: int, request_id: str
+    ) -> grpc.aio.AioRpcError:
+        """A transfer that fails between its two sides (an exception at the ledger's test seam): the
+        sender is debited, the receiver not credited. Returns the error the caller got."""
+
+        async def boom() -> None:
+            raise RuntimeError("interrupted")
+
+        self.app.ledger.after_transfer_debit = boom
+        try:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await self.transfer(sender, receiver, qoints, request_id=request_id)
+        finally:
+            self.app.ledger.after_transfer_debit = None
+        return caught.value
+
     def set_tokens(self, user: str, tokens: int, request_id: str | None = None):
         return self.stub.SetTokenBalance(
             rpc.SetTokenBalanceRequest(request_id=request_id or rid(), user_id=user, token_balance=tokens), timeout=10
         )
 
     async def store(self) -> dict[bytes, Any]:
-        """Every key of the Redis database with its value: equal before and after means nothing was written."""
+        """Every key of the Redis database with its value (the transfer recovery index included): equal
+        before and after means nothing was written."""
         state: dict[bytes, Any] = {}
         async for key in self.redis.scan_iter(count=1000):
-            if key == b"pts:xfer:pending":
-                continue  # the transfer recovery index holds hints, not ledger state (see ledger.py)
             kind = (await self.redis.type(key)).decode()
             if kind == "string":
                 state[key] = await self.redis.get(key)
@@ -835,17 +851,10 @@ async def test_transfer_moves_qoints_all_or_nothing(points):
 async def test_interrupted_transfer_is_finished_by_a_retry(points):
     """A failure between the two sides (here an exception at the test seam) is carried forward by a retry."""
     await points.credit("alice", 100)
-
-    async def boom() -> None:
-        raise RuntimeError("interrupted")
-
-    points.app.ledger.after_transfer_debit = boom
     key = rid()
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await points.transfer("alice", "bob", 30, request_id=key)
-    assert caught.value.code() == grpc.StatusCode.INTERNAL
+    error = await points.interrupted_transfer("alice", "bob", 30, request_id=key)
+    assert error.code() == grpc.StatusCode.INTERNAL
     assert ((await points.account("alice")).qoints, (await points.account("bob")).qoints) == (70, 0)
-    points.app.ledger.after_transfer_debit = None
     reply = await points.transfer("alice", "bob", 30, request_id=key)
     assert (reply.from_account.qoints, reply.to_account.qoints) == (70, 30)
     again = await points.transfer("alice", "bob", 30, request_id=key)
@@ -901,21 +910,20 @@ async def test_transfer_survives_a_crash_between_its_two_sides(redis_url, start_
         assert await asyncio.to_thread(process.wait, 10) == 17
 
         ledger = RedisLedger(client, LedgerSettings(), SystemClock())  # reads only: no recovery here
-        assert (await ledger.account("sender"))["q"] == "600"
-        assert (await ledger.account("receiver"))["q"] == "0"
+        assert (await ledger.account("sender")).qoints == 600
+        assert (await ledger.account("receiver")).qoints == 0
 
-        running = await start_service(
-            build, PointsConfig, {"REDIS_URL": redis_url, "POINTS_TRANSFER_RECOVERY_SECONDS": "1"}
-        )
+        # The restarted service, with the default settings, finishes it within seconds, unasked.
+        running = await start_service(build, PointsConfig, {"REDIS_URL": redis_url})
         await wait_serving(running)
         stub = points_service_pb2_grpc.PointsServiceStub(running.channel)
 
         async def qoints(user: str) -> int:
             return (await stub.GetAccount(rpc.GetAccountRequest(user_id=user), timeout=10)).account.qoints
 
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + 5
         while await qoints("receiver") != 400:
-            assert time.monotonic() < deadline, "the sweep never finished the interrupted transfer"
+            assert time.monotonic() < deadline, "the sweep did not finish the interrupted transfer within 5 s"
             await asyncio.sleep(0.1)
         assert (await qoints("sender"), await qoints("receiver")) == (600, 400)
 
@@ -1173,17 +1181,26 @@ async def test_expiry_transaction_has_no_request_id(points):
     assert len(expired) == 1 and expired[0].request_id == ""
 
 
-async def test_a_reference_is_bound_to_the_first_user_it_is_presented_for(points):
-    """CreditQoints: a reference, once presented for a user, can only ever credit that user."""
+async def test_a_reference_is_bound_to_the_first_user_it_is_credited_to(points):
+    """CreditQoints: a reference, once credited to a user, can only ever credit that user; a refused
+    request binds nothing (it used to bind the reference for good)."""
     key = rid()
     await points.credit("claimer", 10, ref="pay-a", request_id=key)
+    before = await points.store()
     await fails(points.credit("claimer", 10, ref="pay-b", request_id=key), INVALID, "REQUEST_ID_REUSED")
+    assert await points.store() == before
     assert (await points.account("claimer")).qoints == 10
-    await fails(
-        points.credit("someone-else", 10, ref="pay-b"), grpc.StatusCode.ALREADY_EXISTS, "DUPLICATE_EXTERNAL_REFERENCE"
+    assert (await points.credit("someone-else", 10, ref="pay-b")).account.qoints == 10
+    info, _ = await fails(
+        points.credit("claimer", 10, ref="pay-b"), grpc.StatusCode.ALREADY_EXISTS, "DUPLICATE_EXTERNAL_REFERENCE"
     )
-    assert (await points.account("someone-else")).qoints == 0
-    assert (await points.credit("claimer", 10, ref="pay-b")).account.qoints == 20
+    assert info.metadata["transaction_id"] == "someone-else/1"
+    assert (await points.account("claimer")).qoints == 10
+    # a reference bound to another user is ALREADY_EXISTS whatever the request_id
+    await fails(
+        points.credit("claimer", 10, ref="pay-b", request_id=key), grpc.StatusCode.ALREADY_EXISTS,
+        "DUPLICATE_EXTERNAL_REFERENCE",
+    )  # fmt: skip
 
 
 async def test_duplicate_reference_of_another_user_names_the_credit(points):
@@ -1196,15 +1213,8 @@ async def test_duplicate_reference_of_another_user_names_the_credit(points):
 
 async def test_reused_request_id_keeps_an_interrupted_transfer_recoverable(points):
     await points.credit("alice", 100)
-
-    async def boom() -> None:
-        raise RuntimeError("interrupted")
-
-    points.app.ledger.after_transfer_debit = boom
     key = rid()
-    with pytest.raises(grpc.aio.AioRpcError):
-        await points.transfer("alice", "bob", 30, request_id=key)
-    points.app.ledger.after_transfer_debit = None
+    await points.interrupted_transfer("alice", "bob", 30, request_id=key)
     await fails(points.transfer("alice", "bob", 31, request_id=key), INVALID, "REQUEST_ID_REUSED")
     assert await points.app.ledger.recover_transfers(older_than_ms=0) == 1
     assert ((await points.account("alice")).qoints, (await points.account("bob")).qoints) == (70, 30)
@@ -1239,3 +1249,109 @@ async def test_more_than_100_concurrent_rpcs_are_served(points):
     results = await asyncio.gather(*(points.account(f"many-{i}") for i in range(150)), return_exceptions=True)
     failed = [r for r in results if isinstance(r, BaseException)]
     assert not failed, f"{len(failed)} of 150 failed: {failed[0]}"
+
+
+async def test_enum_values_the_contract_does_not_define_are_invalid(points):
+    """Proto3 enums are open: an integer such as 99 arrives as is. Every enum field a points RPC takes is
+    checked against the contract, and an unknown value is INVALID_ARGUMENT naming the field."""
+    hold = (await points.reserve("enums", 10)).hold.hold_id
+    before = await points.store()
+    cases = [
+        ("reason", points.release("enums", hold, reason=99)),
+        ("source", points.credit("enums", 5, source=99)),
+        ("usage.gpu", points.capture("enums", hold, usage=pb.Usage(gpu=99, gpu_time=seconds(1)))),
+        ("gpu", points.stub.QuoteCost(rpc.QuoteCostRequest(gpu=99, gpu_time=seconds(1)), timeout=10)),
+    ]
+    for field, call in cases:
+        _, bad = await fails(call, INVALID, "INVALID_REQUEST")
+        assert bad is not None and [v.field for v in bad.field_violations] == [field]
+        description = bad.field_violations[0].description
+        assert description.startswith("must be ") and "Enum" not in description, description
+    assert await points.store() == before
+    assert (await points.hold("enums", hold)).state == pb.HOLD_STATE_OPEN
+
+
+async def test_a_refused_credit_writes_nothing(points):
+    """A credit refused for any reason leaves Redis as it was: no claim on its external reference."""
+    key = rid()
+    await points.credit("payer", 10, ref="pay-first", request_id=key)
+    await asyncio.gather(*(points.credit("full", 10**12) for _ in range(10)))  # the 10^13 limit
+    before = await points.store()
+    await fails(points.credit("payer", 10, ref="pay-new", request_id=key), INVALID, "REQUEST_ID_REUSED")
+    await fails(points.credit("full", 1, ref="pay-too-much"), PRECONDITION, "BALANCE_LIMIT")
+    assert await points.store() == before
+    # so both references are still free, for anyone
+    assert (await points.credit("other", 7, ref="pay-new")).transaction.external_reference == "pay-new"
+    assert (await points.credit("other", 7, ref="pay-too-much")).account.qoints == 14
+
+
+async def test_a_refused_transfer_writes_nothing(points):
+    """Nor does a refused transfer: not even an entry in the recovery index (pts:xfer:pending)."""
+    await points.credit("giver", 100)
+    key = rid()
+    await points.transfer("giver", "taker", 10, request_id=key)
+    points.clock.advance(1000)
+    before = await points.store()
+    await fails(points.transfer("giver", "taker", 11, request_id=key), INVALID, "REQUEST_ID_REUSED")
+    await fails(points.transfer("giver", "taker", 91), PRECONDITION, "INSUFFICIENT_QOINTS")
+    assert await points.store() == before
+
+    # An interrupted transfer's index entry stays as it was (its score too) when its request id is reused.
+    key = rid()
+    await points.interrupted_transfer("giver", "taker", 20, request_id=key)
+    points.clock.advance(1000)
+    before = await points.store()
+    await fails(points.transfer("giver", "taker", 21, request_id=key), INVALID, "REQUEST_ID_REUSED")
+    assert await points.store() == before
+    assert await points.app.ledger.recover_transfers(older_than_ms=0) == 1
+    assert ((await points.account("giver")).qoints, (await points.account("taker")).qoints) == (70, 30)
+    assert await points.redis.zcard("pts:xfer:pending") == 0
+
+
+async def test_a_transfer_completes_when_its_caller_goes_away(points):
+    """The caller's deadline passes right after the debit: the receiver is credited anyway, within
+    moments and without a retry (the fake clock stands still, so the recovery sweep cannot be the one)."""
+    await points.credit("leaver", 100)
+    debited = asyncio.Event()
+    go_on = asyncio.Event()
+
+    async def stall() -> None:
+        debited.set()
+        await go_on.wait()
+
+    points.app.ledger.after_transfer_debit = stall
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await points.stub.TransferQoints(
+            rpc.TransferQointsRequest(request_id=rid(), from_user_id="leaver", to_user_id="stayer", qoints=30),
+            timeout=0.5,
+        )
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and debited.is_set()
+    assert ((await points.account("leaver")).qoints, (await points.account("stayer")).qoints) == (70, 0)
+    await asyncio.sleep(0.2)  # the server has seen the cancellation by now
+    go_on.set()
+    deadline = time.monotonic() + 2
+    while (await points.account("stayer")).qoints != 30:
+        assert time.monotonic() < deadline, "the receiver was not credited within 2 s of the caller leaving"
+        await asyncio.sleep(0.05)
+    assert (await points.account("leaver")).qoints == 70
+    assert [t.kind for t in await points.txs("stayer")] == [pb.TRANSACTION_KIND_QOINTS_TRANSFERRED_IN]
+    while await points.redis.zcard("pts:xfer:pending"):
+        assert time.monotonic() < deadline, "the finished transfer is still in the recovery index"
+        await asyncio.sleep(0.05)
+
+
+async def test_unset_and_zero_durations_are_the_same_parameters(points):
+    """ReserveHold: ttl unset and ttl 0s both mean the default, so under one request_id they are one
+    request. Likewise usage.gpu_time unset and 0s in CaptureHold (both cost the minimum)."""
+    key = rid()
+    first = await points.reserve("durations", 10, request_id=key)
+    again = await points.reserve("durations", 10, request_id=key, ttl=seconds(0))
+    assert again.SerializeToString(deterministic=True) == first.SerializeToString(deterministic=True)
+    key = rid()
+    captured = await points.capture("durations", first.hold.hold_id, request_id=key, usage=pb.Usage(gpu=A10G))
+    again_captured = await points.capture(
+        "durations", first.hold.hold_id, request_id=key, usage=pb.Usage(gpu=A10G, gpu_time=seconds(0))
+    )
+    assert again_captured.SerializeToString(deterministic=True) == captured.SerializeToString(deterministic=True)
+    kinds = [t.kind for t in await points.txs("durations")]
+    assert kinds == [pb.TRANSACTION_KIND_HOLD_CAPTURED, pb.TRANSACTION_KIND_HOLD_RESERVED]

@@ -162,7 +162,7 @@ def operation(name: str, **arguments: st.SearchStrategy[Any]) -> st.SearchStrate
 reserve_op = operation("reserve", user=users, estimate=estimates, ttl=ttls, pick=request_ids)
 capture_op = operation("capture", user=users, hold=holds, cost=costs, pick=request_ids)
 release_op = operation(
-    "release", user=users, hold=holds, reason=st.sampled_from([1, 2, 3, 4, 5, 0]), memo=st.sampled_from(["", "x"]),
+    "release", user=users, hold=holds, reason=st.sampled_from([1, 2, 3, 4, 5, 0, 99]), memo=st.sampled_from(["", "x"]),
     pick=request_ids,
 )  # fmt: skip
 credit_op = operation("credit", user=users, amount=qoints, reference=references, pick=request_ids)
@@ -257,12 +257,19 @@ SCENARIOS = [
         _op("capture", user="bob", cost=("points", 5), pick=0),
         _op("set_token_balance", user="bob", tokens=7, pick=0),
     ],
+    [  # ttl unset and 0 are the same parameters under one request_id; a reason the contract lacks
+        _op("reserve", user="alice", estimate=10),
+        _op("reserve", user="alice", estimate=10, ttl=0, pick=0),
+        _op("reserve", user="alice", estimate=10, ttl=60, pick=1),
+        _op("release", user="alice", reason=99),
+    ],
     [  # external references once ever (across users); transfers of everything and one more
         _op("credit", user="alice", amount=300, reference="ref-1"),
         _op("credit", user="bob", amount=300, reference="ref-1"),
         _op("credit", user="alice", amount=300, reference="ref-1"),
         _op("repeat", index=2),
-        # a reference is bound to the first user it is presented for, even by a request that fails
+        # a refused request (here REQUEST_ID_REUSED) binds nothing: a reference is bound to the first
+        # user it is credited to
         _op("credit", user="alice", amount=5, reference="ref-2", pick=0),
         _op("credit", user="bob", amount=5, reference="ref-2"),
         _op("credit", user="alice", amount=5, reference="ref-2"),

@@ -75,9 +75,10 @@ class PointsConfig(RedisSettings):
     )
     transfer_recovery_seconds: int = env(
         "POINTS_TRANSFER_RECOVERY_SECONDS",
-        default=30,
+        default=2,
         parse=positive_int,
-        doc="A transfer left half-done (a crash) is finished by the sweep after this long; also the sweep interval.",
+        doc="A transfer still half-done this long after its debit (its process died) is finished by the "
+        "recovery sweep, which runs every half of this.",
     )
 
     def economy(self) -> Economy:

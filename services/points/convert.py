@@ -1,101 +1,69 @@
-"""Ledger results (dicts of decimal strings from the Lua script) to protobuf messages."""
+"""Ledger records (``store``) to protobuf messages.
+
+A record's fields carry the names of the message's fields, so plain values (ints, strings) are copied
+by name; what differs is spelled out: enum values (the records keep names without the enum's
+prefix), times (epoch ms, 0 for unset) and nested messages.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import Any, TypeVar
 
-from google.protobuf import timestamp_pb2
+from google.protobuf.message import Message
 
 from common.proto_time import timestamp_from_ms
 from stationthis.points.v1 import points_pb2
 
+from . import store
 from .economy import level
 
-
-def _ts(ms: Any) -> timestamp_pb2.Timestamp | None:
-    """None for 0 (the ledger's "not set")."""
-    value = int(ms or 0)
-    return timestamp_from_ms(value) if value > 0 else None
+M = TypeVar("M", bound=Message)
 
 
-def hold(d: dict[str, Any]) -> points_pb2.Hold:
-    message = points_pb2.Hold(
-        hold_id=d["id"],
-        user_id=d["user"],
-        run_id=d.get("run") or "",
-        state=f"HOLD_STATE_{d['state']}",
-        estimate_points=int(d["est"]),
-        points_held=int(d["p"]),
-        qoints_held=int(d["q"]),
-        cost_points=int(d["cost"]),
-        points_charged=int(d["pc"]),
-        qoints_charged=int(d["qc"]),
-        unpaid_points=int(d["unpaid"]),
-        memo=d.get("memo") or "",
-        release_reason=f"RELEASE_REASON_{d['reason']}" if d.get("reason") else None,
-    )
-    for name, key in (("create_time", "created"), ("expire_time", "expires"), ("settle_time", "settled")):
-        stamp = _ts(d.get(key))
-        if stamp is not None:
-            getattr(message, name).CopyFrom(stamp)
+def _message(message_type: type[M], record: Any, times: dict[str, int], **special: Any) -> M:
+    """``message_type`` with each field of ``record`` it has by the same name, then ``special``, and
+    the Timestamp fields in ``times`` that are set (not 0)."""
+    names = message_type.DESCRIPTOR.fields_by_name
+    plain = {f.name: getattr(record, f.name) for f in dataclasses.fields(record) if f.name in names}
+    message = message_type(**{**plain, **special})
+    for field, ms in times.items():
+        if ms > 0:
+            getattr(message, field).CopyFrom(timestamp_from_ms(ms))
     return message
 
 
-def account(d: dict[str, Any]) -> points_pb2.Account:
-    holds = d.get("holds") or []
-    message = points_pb2.Account(
-        user_id=d["user"],
-        token_balance=int(d["tb"]),
-        max_points=int(d["maxp"]),
-        points_used=int(d["used"]),
-        points_held=int(d["hp"]),
-        points_available=int(d["avail_p"]),
-        qoints=int(d["q"]),
-        qoints_held=int(d["hq"]),
-        qoints_available=int(d["avail_q"]),
-        unpaid_points=int(d["unpaid"]),
-        exp=int(d["exp"]),
-        level=level(int(d["exp"])),
-        next_regeneration_points=int(d["next_points"]),
-        open_holds=[hold(h) for h in (holds if isinstance(holds, list) else [])],
-    )
-    for name, key in (("next_regeneration_time", "next_at"), ("update_time", "updated")):
-        stamp = _ts(d.get(key))
-        if stamp is not None:
-            getattr(message, name).CopyFrom(stamp)
-    return message
+def _enum(prefix: str, name: str) -> str | None:
+    """The enum value name for a record's short one; None (unset) for ""."""
+    return f"{prefix}{name}" if name else None
 
 
-def transaction(d: dict[str, Any] | None) -> points_pb2.Transaction | None:
-    """None for no transaction (a release of a hold that had already expired changes nothing)."""
-    if not isinstance(d, dict):
-        return None
-    message = points_pb2.Transaction(
-        transaction_id=d["id"],
-        user_id=d["id"].rpartition("/")[0],
-        kind=f"TRANSACTION_KIND_{d['kind']}",
-        points_used_delta=int(d["d_used"]),
-        points_held_delta=int(d["d_hp"]),
-        qoints_delta=int(d["d_q"]),
-        qoints_held_delta=int(d["d_hq"]),
-        exp_delta=int(d["d_exp"]),
-        unpaid_delta=int(d["d_unpaid"]),
-        points_used_after=int(d["used"]),
-        qoints_after=int(d["q"]),
-        exp_after=int(d["exp"]),
-        unpaid_after=int(d["unpaid"]),
-        token_balance_after=int(d["tb"]),
-        max_points_after=int(d["maxp"]),
-        hold_id=d.get("hold_id") or "",
-        run_id=d.get("run_id") or "",
-        external_reference=d.get("external_reference") or "",
-        counterparty_user_id=d.get("counterparty") or "",
-        memo=d.get("memo") or "",
-        request_id=d.get("request_id") or "",
-        qoints_source=f"QOINTS_SOURCE_{d['source']}" if d.get("source") else None,
-        release_reason=f"RELEASE_REASON_{d['reason']}" if d.get("reason") else None,
+def hold(h: store.Hold) -> points_pb2.Hold:
+    return _message(
+        points_pb2.Hold,
+        h,
+        {"create_time": h.create_ms, "expire_time": h.expire_ms, "settle_time": h.settle_ms},
+        state=_enum("HOLD_STATE_", h.state),
+        release_reason=_enum("RELEASE_REASON_", h.release_reason),
     )
-    stamp = _ts(d.get("at"))
-    if stamp is not None:
-        message.create_time.CopyFrom(stamp)
-    return message
+
+
+def account(a: store.Account) -> points_pb2.Account:
+    return _message(
+        points_pb2.Account,
+        a,
+        {"next_regeneration_time": a.next_regeneration_ms, "update_time": a.update_ms},
+        level=level(a.exp),
+        open_holds=[hold(h) for h in a.open_holds],
+    )
+
+
+def transaction(t: store.Transaction) -> points_pb2.Transaction:
+    return _message(
+        points_pb2.Transaction,
+        t,
+        {"create_time": t.create_ms},
+        kind=_enum("TRANSACTION_KIND_", t.kind),
+        qoints_source=_enum("QOINTS_SOURCE_", t.qoints_source),
+        release_reason=_enum("RELEASE_REASON_", t.release_reason),
+    )

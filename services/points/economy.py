@@ -2,8 +2,9 @@
 
 The rules are those of stationthis.points.v1 (points.proto) and of the legacy bot
 (shared/reference/stationthis-legacy.md §4); docs/decisions/0005-points-economy.md records the
-choices. The Redis ledger applies the same rules inside its Lua scripts; ``tests/test_points_model.py``
-drives both with random operations and finds no difference.
+choices. Pricing (``Economy.quote``) and ``level`` are computed here; the allowance, regeneration
+and hold rules are applied by the Redis ledger inside its Lua script, from the constants of
+``Economy``. ``tests/test_points_model.py`` checks both against a model of points.proto.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import dataclass, field
 from decimal import ROUND_CEILING, Decimal
 from types import MappingProxyType
 
-from stationthis.type.v1 import gpu_pb2
+from common.gpu import GPU_NAMES
 
 # USD per second of GPU time, by upstream GPU name (reference §4.4 and §4.5).
 DEFAULT_GPU_PRICES: Mapping[str, Decimal] = MappingProxyType(
@@ -31,15 +32,6 @@ DEFAULT_GPU_PRICES: Mapping[str, Decimal] = MappingProxyType(
     }
 )
 
-# GpuType enum value -> upstream name ("GPU_TYPE_A100_80GB" -> "A100-80GB").
-GPU_NAMES: Mapping[int, str] = MappingProxyType(
-    {
-        value.number: value.name.removeprefix("GPU_TYPE_").replace("_80GB", "-80GB")
-        for value in gpu_pb2.GpuType.DESCRIPTOR.values
-        if value.number != gpu_pb2.GPU_TYPE_UNSPECIFIED
-    }
-)
-
 
 @dataclass(frozen=True)
 class Economy:
@@ -53,14 +45,6 @@ class Economy:
     multiplier: Decimal = Decimal(2)
     minimum_charge: int = 3
     gpu_prices: Mapping[str, Decimal] = field(default_factory=lambda: DEFAULT_GPU_PRICES)
-
-    def max_points(self, token_balance: int) -> int:
-        """The free allowance: floor((token_balance + 199800) / 540); 370 with no tokens."""
-        return (token_balance + self.token_offset) // self.token_divisor
-
-    def regen_per_period(self, max_points: int) -> int:
-        """Points that come back each period: ceil(max_points / 18)."""
-        return -(-max_points // self.regen_periods)
 
     def price(self, gpu: int) -> Decimal:
         """USD per second for a GpuType value; KeyError for UNSPECIFIED or an unknown value."""

@@ -20,18 +20,18 @@ DOMAIN = "points.stationthis.dev"
 log = logging.getLogger("stationthis.points")
 
 
-async def sweep_transfers(ledger: RedisLedger, every_seconds: int) -> None:
-    """Finish transfers a crash left between their two sides, forever (until cancelled)."""
+async def sweep_transfers(ledger: RedisLedger, grace_seconds: int) -> None:
+    """Finish the transfers left between their two sides for over ``grace_seconds`` (their process
+    died after the debit, or Redis failed between the steps), checking every ``grace_seconds / 2``,
+    until cancelled. A transfer whose caller merely went away is finished by its own task, at once."""
     while True:
         try:
-            finished = await ledger.recover_transfers(older_than_ms=every_seconds * 1000)
+            finished = await ledger.recover_transfers(older_than_ms=grace_seconds * 1000)
             if finished:
                 log.warning("finished %d interrupted transfer(s)", finished)
-        except DomainError as exc:
+        except DomainError as exc:  # Redis does not answer: next time (anything else: the supervisor)
             log.warning("transfer recovery deferred: %s", exc.message)
-        except Exception:
-            log.exception("transfer recovery failed")
-        await asyncio.sleep(every_seconds)
+        await asyncio.sleep(grace_seconds / 2)
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,7 @@ async def build(config: PointsConfig, clock: Clock | None = None) -> PointsApp:
     servicer = PointsServicer(ledger, economy, config.hold_estimate, config.hold_ttl_seconds)
 
     async def close() -> None:
+        await ledger.drain()  # transfers whose callers went away
         await redis.aclose()
 
     service = Service(

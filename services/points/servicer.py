@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
-import hashlib
-from typing import Any
+from typing import TypeVar
 
 import grpc
-from google.protobuf.message import Message
+from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
 
+from common.gpu import GPU_NAMES
+from common.idempotency import clear_if_zero, fingerprint
 from common.validation import Violations, decode_page_token, encode_page_token
 from stationthis.points.v1 import points_pb2, points_service_pb2, points_service_pb2_grpc
 
 from . import convert
-from .economy import GPU_NAMES, Economy
-from .ledger import RedisLedger
+from .economy import Economy
+from .store import HoldResult, LedgerStore
 
+SVC = points_service_pb2
+H = TypeVar("H", SVC.ReserveHoldResponse, SVC.CaptureHoldResponse, SVC.ReleaseHoldResponse)
 MAX_AMOUNT = 10**12  # per operation; balances stay far below 2^53
 MAX_TOKENS = 10**13
 MIN_TTL_SECONDS, MAX_TTL_SECONDS = 60, 86_400
@@ -22,14 +25,6 @@ MAX_GPU_SECONDS = 7 * 86_400
 HOLD_ID_LENGTH = 32
 MAX_MEMO = 500
 MAX_REFERENCE = 256
-
-
-def fingerprint(request: Message) -> str:
-    """The request's parameters without its request_id, for telling a replay from a reuse."""
-    copy = type(request)()
-    copy.CopyFrom(request)
-    copy.ClearField("request_id")
-    return hashlib.sha256(copy.SerializeToString(deterministic=True)).hexdigest()
 
 
 def _hold_id(check: Violations, value: str) -> None:
@@ -46,31 +41,50 @@ def _usage_violations(check: Violations, gpu: int, seconds: int, nanos: int, pre
         check.add(f"{prefix}gpu_time", f"must be at most {MAX_GPU_SECONDS} seconds")
 
 
+def _enum_name(check: Violations, field: str, enum: EnumTypeWrapper, value: int, prefix: str) -> str:
+    """The name of a required enum value without its prefix ("" and a violation for UNSPECIFIED or a
+    number the contract does not define: proto3 enums are open, so such numbers do arrive)."""
+    names = [v.name.removeprefix(prefix) for v in enum.DESCRIPTOR.values if v.number]
+    if value and value in enum.values():
+        return enum.Name(value).removeprefix(prefix)
+    choices = f"{', '.join(names[:-1])} or {names[-1]}"
+    check.add(field, f"is required: one of {choices}" if not value else f"must be one of {choices}")
+    return ""
+
+
+def _hold_response(response: type[H], result: HoldResult) -> H:
+    return response(
+        hold=convert.hold(result.hold),
+        account=convert.account(result.account),
+        transaction=convert.transaction(result.transaction) if result.transaction is not None else None,
+    )
+
+
 class PointsServicer(points_service_pb2_grpc.PointsServiceServicer):
-    def __init__(self, ledger: RedisLedger, economy: Economy, hold_estimate: int, hold_ttl_seconds: int) -> None:
+    def __init__(self, ledger: LedgerStore, economy: Economy, hold_estimate: int, hold_ttl_seconds: int) -> None:
         self.ledger = ledger
         self.economy = economy
         self.hold_estimate = hold_estimate
         self.hold_ttl_seconds = hold_ttl_seconds
 
-    async def GetAccount(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def GetAccount(
+        self, request: SVC.GetAccountRequest, context: grpc.aio.ServicerContext
+    ) -> SVC.GetAccountResponse:
         check = Violations()
         check.user_id("user_id", request.user_id)
         check.check()
-        return points_service_pb2.GetAccountResponse(
-            account=convert.account(await self.ledger.account(request.user_id))
-        )
+        return SVC.GetAccountResponse(account=convert.account(await self.ledger.account(request.user_id)))
 
-    async def GetHold(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def GetHold(self, request: SVC.GetHoldRequest, context: grpc.aio.ServicerContext) -> SVC.GetHoldResponse:
         check = Violations()
         check.user_id("user_id", request.user_id)
         _hold_id(check, request.hold_id)
         check.check()
-        return points_service_pb2.GetHoldResponse(
-            hold=convert.hold(await self.ledger.hold(request.user_id, request.hold_id))
-        )
+        return SVC.GetHoldResponse(hold=convert.hold(await self.ledger.hold(request.user_id, request.hold_id)))
 
-    async def ReserveHold(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def ReserveHold(
+        self, request: SVC.ReserveHoldRequest, context: grpc.aio.ServicerContext
+    ) -> SVC.ReserveHoldResponse:
         check = Violations()
         check.request_id(request.request_id)
         check.user_id("user_id", request.user_id)
@@ -85,18 +99,16 @@ class PointsServicer(points_service_pb2_grpc.PointsServiceServicer):
         result = await self.ledger.reserve(
             request.user_id,
             request.request_id,
-            fingerprint(request),
+            fingerprint(request, normalize=lambda r: clear_if_zero(r, "ttl")),  # unset and 0s: the default
             run_id=request.run_id,
             estimate=request.estimate_points or self.hold_estimate,
             ttl_ms=ttl_seconds * 1000,
         )
-        return points_service_pb2.ReserveHoldResponse(
-            hold=convert.hold(result["hold"]),
-            account=convert.account(result["account"]),
-            transaction=convert.transaction(result["tx"]),
-        )
+        return _hold_response(SVC.ReserveHoldResponse, result)
 
-    async def CaptureHold(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def CaptureHold(
+        self, request: SVC.CaptureHoldRequest, context: grpc.aio.ServicerContext
+    ) -> SVC.CaptureHoldResponse:
         check = Violations()
         check.request_id(request.request_id)
         check.user_id("user_id", request.user_id)
@@ -116,46 +128,43 @@ class PointsServicer(points_service_pb2_grpc.PointsServiceServicer):
         else:
             cost_points = request.cost_points
         result = await self.ledger.capture(
-            request.user_id, request.request_id, fingerprint(request), hold_id=request.hold_id, cost=cost_points
+            request.user_id,
+            request.request_id,
+            fingerprint(request, normalize=lambda r: clear_if_zero(r.usage, "gpu_time")),  # unset and 0s: 0s
+            hold_id=request.hold_id,
+            cost=cost_points,
         )
-        return points_service_pb2.CaptureHoldResponse(
-            hold=convert.hold(result["hold"]),
-            account=convert.account(result["account"]),
-            transaction=convert.transaction(result["tx"]),
-        )
+        return _hold_response(SVC.CaptureHoldResponse, result)
 
-    async def ReleaseHold(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def ReleaseHold(
+        self, request: SVC.ReleaseHoldRequest, context: grpc.aio.ServicerContext
+    ) -> SVC.ReleaseHoldResponse:
         check = Violations()
         check.request_id(request.request_id)
         check.user_id("user_id", request.user_id)
         _hold_id(check, request.hold_id)
         check.text("memo", request.memo, MAX_MEMO)
-        if request.reason == points_pb2.RELEASE_REASON_UNSPECIFIED:
-            check.add("reason", "is required (why the hold is released)")
+        reason = _enum_name(check, "reason", points_pb2.ReleaseReason, request.reason, "RELEASE_REASON_")
         check.check()
-        reason = points_pb2.ReleaseReason.Name(request.reason)
         result = await self.ledger.release(
             request.user_id,
             request.request_id,
             fingerprint(request),
             hold_id=request.hold_id,
-            reason=reason.removeprefix("RELEASE_REASON_"),
+            reason=reason,
             memo=request.memo,
         )
-        return points_service_pb2.ReleaseHoldResponse(
-            hold=convert.hold(result["hold"]),
-            account=convert.account(result["account"]),
-            transaction=convert.transaction(result["tx"]),
-        )
+        return _hold_response(SVC.ReleaseHoldResponse, result)
 
-    async def CreditQoints(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def CreditQoints(
+        self, request: SVC.CreditQointsRequest, context: grpc.aio.ServicerContext
+    ) -> SVC.CreditQointsResponse:
         check = Violations()
         check.request_id(request.request_id)
         check.user_id("user_id", request.user_id)
         check.amount("qoints", request.qoints, MAX_AMOUNT)
         check.text("external_reference", request.external_reference, MAX_REFERENCE, required=True)
-        if request.source == points_pb2.QOINTS_SOURCE_UNSPECIFIED:
-            check.add("source", "is required (PURCHASE, GRANT, BONUS or REFUND)")
+        source = _enum_name(check, "source", points_pb2.QointsSource, request.source, "QOINTS_SOURCE_")
         check.text("memo", request.memo, MAX_MEMO)
         check.check()
         result = await self.ledger.credit(
@@ -164,14 +173,16 @@ class PointsServicer(points_service_pb2_grpc.PointsServiceServicer):
             fingerprint(request),
             qoints=request.qoints,
             reference=request.external_reference,
-            source=points_pb2.QointsSource.Name(request.source).removeprefix("QOINTS_SOURCE_"),
+            source=source,
             memo=request.memo,
         )
-        return points_service_pb2.CreditQointsResponse(
-            account=convert.account(result["account"]), transaction=convert.transaction(result["tx"])
+        return SVC.CreditQointsResponse(
+            account=convert.account(result.account), transaction=convert.transaction(result.transaction)
         )
 
-    async def TransferQoints(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def TransferQoints(
+        self, request: SVC.TransferQointsRequest, context: grpc.aio.ServicerContext
+    ) -> SVC.TransferQointsResponse:
         check = Violations()
         check.request_id(request.request_id)
         check.user_id("from_user_id", request.from_user_id)
@@ -189,14 +200,16 @@ class PointsServicer(points_service_pb2_grpc.PointsServiceServicer):
             qoints=request.qoints,
             memo=request.memo,
         )
-        return points_service_pb2.TransferQointsResponse(
-            from_account=convert.account(result["from_account"]),
-            to_account=convert.account(result["to_account"]),
-            outgoing_transaction=convert.transaction(result["out_tx"]),
-            incoming_transaction=convert.transaction(result["in_tx"]),
+        return SVC.TransferQointsResponse(
+            from_account=convert.account(result.from_account),
+            to_account=convert.account(result.to_account),
+            outgoing_transaction=convert.transaction(result.outgoing),
+            incoming_transaction=convert.transaction(result.incoming),
         )
 
-    async def SetTokenBalance(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def SetTokenBalance(
+        self, request: SVC.SetTokenBalanceRequest, context: grpc.aio.ServicerContext
+    ) -> SVC.SetTokenBalanceResponse:
         check = Violations()
         check.request_id(request.request_id)
         check.user_id("user_id", request.user_id)
@@ -205,23 +218,27 @@ class PointsServicer(points_service_pb2_grpc.PointsServiceServicer):
         result = await self.ledger.set_token_balance(
             request.user_id, request.request_id, fingerprint(request), token_balance=request.token_balance
         )
-        return points_service_pb2.SetTokenBalanceResponse(
-            account=convert.account(result["account"]), transaction=convert.transaction(result["tx"])
+        return SVC.SetTokenBalanceResponse(
+            account=convert.account(result.account), transaction=convert.transaction(result.transaction)
         )
 
-    async def QuoteCost(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def QuoteCost(
+        self, request: SVC.QuoteCostRequest, context: grpc.aio.ServicerContext
+    ) -> SVC.QuoteCostResponse:
         check = Violations()
         _usage_violations(check, request.gpu, request.gpu_time.seconds, request.gpu_time.nanos, "")
         check.check()
         quote = self.economy.quote(request.gpu, request.gpu_time.seconds, request.gpu_time.nanos)
-        return points_service_pb2.QuoteCostResponse(
+        return SVC.QuoteCostResponse(
             cost_points=quote.cost_points,
             usd_per_second=str(quote.usd_per_second),
             usd_cost=format(quote.usd_cost.normalize(), "f"),
             minimum_applied=quote.minimum_applied,
         )
 
-    async def ListTransactions(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def ListTransactions(
+        self, request: SVC.ListTransactionsRequest, context: grpc.aio.ServicerContext
+    ) -> SVC.ListTransactionsResponse:
         check = Violations()
         check.user_id("user_id", request.user_id)
         page_size = check.page_size(request.page_size)
@@ -231,8 +248,10 @@ class PointsServicer(points_service_pb2_grpc.PointsServiceServicer):
             before = decode_page_token(request.page_token, {"u": request.user_id}).get("s")
             if type(before) is not int or before < 1:
                 decode_page_token("", {"u": request.user_id})  # raises INVALID_PAGE_TOKEN
-        rows, next_before = await self.ledger.transactions(request.user_id, page_size, before)
-        return points_service_pb2.ListTransactionsResponse(
-            transactions=[t for t in map(convert.transaction, rows) if t is not None],
-            next_page_token=encode_page_token({"u": request.user_id, "s": next_before}) if next_before else "",
+        page = await self.ledger.transactions(request.user_id, page_size, before)
+        return SVC.ListTransactionsResponse(
+            transactions=[convert.transaction(t) for t in page.transactions],
+            next_page_token=encode_page_token({"u": request.user_id, "s": page.next_before})
+            if page.next_before
+            else "",
         )

@@ -313,6 +313,9 @@ function ops.credit()
   if a.q + R.qoints > P.max_balance then
     return fail('BALANCE_LIMIT', {qoints = a.q, max_balance = P.max_balance})
   end
+  -- check_only: the credit would go through now; nothing is written. The ledger asks this before it
+  -- claims the reference in its own slot, so that a refused credit binds no reference.
+  if R.check_only then return cjson.encode({checked = true}) end
   local t = tx(a, 'QOINTS_CREDITED', {q = R.qoints},
     {external_reference = R.ref, source = R.source, memo = R.memo})
   redis.call('SET', marker, t.id)
