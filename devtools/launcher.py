@@ -174,6 +174,8 @@ def main() -> int:
                 env[spec.metrics_variable] = metrics if _port_free(int(metrics_port)) else f"{host}:{free_port()}"
             if spec.peer_variable:
                 env.setdefault(spec.peer_variable, env[spec.listen_variable])
+        # ComfyUI Deploy (here the emulator) sends run webhooks to the local gateway.
+        env.setdefault("COMFYUI_PUBLIC_URL", f"http://{env['GATEWAY_LISTEN_ADDR']}")
         for spec in SERVICES:
             # Own process group: Ctrl-C reaches only this launcher, which then stops the children in order.
             process = subprocess.Popen([sys.executable, "-m", spec.module], env=env, cwd=ROOT, start_new_session=True)

@@ -106,9 +106,10 @@ def gateway_env(backends: dict[str, Running], **overrides: str) -> dict[str, str
 
 
 @asynccontextmanager
-async def serve_gateway(environ: dict[str, str]) -> AsyncIterator[RunningGateway]:
-    """The gateway the way its process runs it (uvicorn, lifespan, tracing middleware), on a free port."""
-    server: uvicorn.Server = uvicorn_server(load(GatewayConfig, environ), grace_seconds=5, port=0)
+async def serve_gateway(environ: dict[str, str], port: int = 0) -> AsyncIterator[RunningGateway]:
+    """The gateway the way its process runs it (uvicorn, lifespan, tracing middleware), on ``port``
+    (0: a free one)."""
+    server: uvicorn.Server = uvicorn_server(load(GatewayConfig, environ), grace_seconds=5, port=port)
     task = asyncio.create_task(server.serve())
     try:
         loop = asyncio.get_running_loop()

@@ -8,11 +8,15 @@ from common.config import (
     ComfyDeploySettings,
     RedisSettings,
     env,
+    http_url,
     listen_address,
     metrics_address,
+    positive_float,
     positive_int,
     service_address,
 )
+
+from .runs import RunSettings
 
 
 @dataclass(frozen=True)
@@ -36,3 +40,56 @@ class ComfyUIConfig(RedisSettings, ComfyDeploySettings):
         parse=positive_int,
         doc="Largest file UploadFile accepts, in bytes (ComfyUI Deploy's own limit is 250 MB = 262144000).",
     )
+    public_url: str = env(
+        "COMFYUI_PUBLIC_URL",
+        default="http://127.0.0.1:8080",
+        parse=http_url,
+        doc="The gateway's base URL as ComfyUI Deploy reaches it: webhooks go to <this>/v1/webhooks/comfydeploy.",
+    )
+    poll_after_seconds: float = env(
+        "COMFYUI_POLL_AFTER_SECONDS",
+        default=20.0,
+        parse=positive_float,
+        doc="A run with no webhook or poll for this long is polled (GET /run/{id}).",
+    )
+    poll_max_seconds: float = env(
+        "COMFYUI_POLL_MAX_SECONDS",
+        default=120.0,
+        parse=positive_float,
+        doc="Longest wait between two polls of a run waiting in the queue (the wait grows with the queue).",
+    )
+    run_timeout_seconds: float = env(
+        "COMFYUI_RUN_TIMEOUT_SECONDS",
+        default=3600.0,
+        parse=positive_float,
+        doc="A run not finished this long after it was submitted is cancelled upstream and ends TIMEOUT.",
+    )
+    submit_unknown_seconds: float = env(
+        "COMFYUI_SUBMIT_UNKNOWN_SECONDS",
+        default=600.0,
+        parse=positive_float,
+        doc="A submission whose answer was lost and that is not found upstream within this time ends FAILED.",
+    )
+    run_retention_seconds: int = env(
+        "COMFYUI_RUN_RETENTION_SECONDS",
+        default=604800,
+        parse=positive_int,
+        doc="How long a finished run and its events are kept.",
+    )
+    reconcile_interval_seconds: float = env(
+        "COMFYUI_RECONCILE_INTERVAL_SECONDS",
+        default=1.0,
+        parse=positive_float,
+        doc="How often the reconciler (one replica at a time) looks at the runs that are due.",
+    )
+
+    def run_settings(self) -> RunSettings:
+        return RunSettings(
+            public_url=self.public_url,
+            poll_after_seconds=self.poll_after_seconds,
+            poll_max_seconds=self.poll_max_seconds,
+            run_timeout_seconds=self.run_timeout_seconds,
+            submit_unknown_seconds=self.submit_unknown_seconds,
+            retention_seconds=self.run_retention_seconds,
+            reconcile_interval_seconds=self.reconcile_interval_seconds,
+        )

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from comfydeploy.client import ComfyDeployClient
 from common import redis_client
-from common.bootstrap import Service, grpc_health_probe, redis_probe
+from common.bootstrap import Background, Service, grpc_health_probe, redis_probe
 from common.channels import open_channel
 from common.idempotency import RequestIds
 from stationthis.comfyui.v1 import comfyui_service_pb2, comfyui_service_pb2_grpc
@@ -14,7 +14,10 @@ from stationthis.workflows.v1 import workflows_service_pb2_grpc
 
 from .admin import Upstream
 from .config import ComfyUIConfig
+from .hub import EventHub
+from .runs import Runs
 from .servicer import ComfyUIServicer
+from .store import RedisRunStore
 
 SERVICE_NAME = comfyui_service_pb2.DESCRIPTOR.services_by_name["ComfyUIService"].full_name
 DOMAIN = "comfyui.stationthis.dev"
@@ -25,10 +28,12 @@ WORKFLOWS_SERVICE = "stationthis.workflows.v1.WorkflowsService"
 @dataclass(frozen=True)
 class ComfyUIApp:
     service: Service
+    runs: Runs
 
 
 async def build(config: ComfyUIConfig) -> ComfyUIApp:
     redis = redis_client.connect(config.redis_url)
+    listening = redis_client.connect_for_blocking_reads(config.redis_url)  # the watch hub's Pub/Sub
     points = open_channel(config.points_service_addr)
     workflows = open_channel(config.workflows_service_addr)
     client = ComfyDeployClient(
@@ -42,9 +47,22 @@ async def build(config: ComfyUIConfig) -> ComfyUIApp:
         workflows_service_pb2_grpc.WorkflowsServiceStub(workflows),
         config.max_upload_bytes,
     )
-    servicer = ComfyUIServicer(upstream)
+    ids = RequestIds(redis, "cui")
+    runs = Runs(
+        RedisRunStore(redis, config.run_retention_seconds),
+        ids,
+        EventHub(listening),
+        workflows,
+        points,
+        client,
+        config.run_settings(),
+    )
+    servicer = ComfyUIServicer(upstream, runs)
 
     async def close() -> None:
+        await runs.close()
+        await runs.hub.close()
+        await listening.aclose()
         await client.aclose()
         await points.close()
         await workflows.close()
@@ -61,5 +79,6 @@ async def build(config: ComfyUIConfig) -> ComfyUIApp:
             grpc_health_probe("workflows", workflows.channel, WORKFLOWS_SERVICE),
         ],
         on_stop=[close],
+        background=[Background("reconciler", runs.reconcile_forever)],
     )
-    return ComfyUIApp(service)
+    return ComfyUIApp(service, runs)

@@ -1,0 +1,828 @@
+"""The generation: from CreateRun to settled points, exactly once (comfyui_service.proto, A GENERATION).
+
+``Runs`` holds no state of its own: every run lives in the ``RunStore`` (Redis), so any replica can
+serve any run and a restart loses nothing. What happens to a run:
+
+1. CreateRun stores it PENDING (bound to its request_id), resolves the workflow and validates the
+   inputs (WorkflowsService), holds points (PointsService, request_id ``hold:<run_id>``), and
+   answers SUBMITTING. Any refusal on the way deletes the run: a failed CreateRun leaves nothing.
+2. A task queues it on ComfyUI Deploy, with a webhook URL carrying the run's secret token. The
+   queue call is marked ``sent`` before it goes out and is never repeated once it may have reached
+   upstream: a lost answer makes the submission ``unknown``, resolved by the webhook that carries
+   the token or by finding the run among the deployment's recent runs, else FAILED after a window.
+3. Webhooks move the run (HandleWebhook); the reconciler polls a run it heard nothing about for a
+   while, times out runs past their limit, and finishes whatever a crash left half done.
+4. A terminal run is settled once: CaptureHold of its GPU time on SUCCESS, ReleaseHold otherwise
+   (request_id ``settle:<run_id>``: the ledger makes a repeat a replay). The run records that it is
+   settled only after the ledger answered; the reconciler retries until it has.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import re
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from opentelemetry import metrics
+
+from comfydeploy import errors as upstream_errors
+from comfydeploy.client import ComfyDeployClient
+from common.channels import peer_error, remaining
+from common.errors import DomainError, FailedPrecondition, NotFound, Unauthenticated, Unavailable
+from common.gpu import GPU_NAMES
+from common.idempotency import RequestIds, fingerprint
+from common.proto_time import timestamp_from_ms
+from common.validation import Violations, decode_page_token, encode_page_token
+from stationthis.comfyui.v1 import comfyui_service_pb2 as svc
+from stationthis.comfyui.v1 import deployment_pb2, run_pb2, webhook_pb2
+from stationthis.points.v1 import points_pb2, points_service_pb2, points_service_pb2_grpc
+from stationthis.type.v1 import gpu_pb2
+from stationthis.workflows.v1 import workflows_service_pb2, workflows_service_pb2_grpc
+
+from . import state
+from .hub import EventHub
+from .store import Conflict, Record, RedisRunStore, Write
+
+log = logging.getLogger("stationthis.comfyui.runs")
+S = run_pb2
+E = svc
+POINTS = "stationthis.points.v1.PointsService"
+WORKFLOWS = "stationthis.workflows.v1.WorkflowsService"
+UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+LABEL_KEY = re.compile(r"[a-z0-9_.-]{1,63}")
+MAX_LABELS, MAX_LABEL_VALUE = 16, 256
+MAX_NAME = 200
+
+_meter = metrics.get_meter("stationthis.comfyui")
+_reconciled = _meter.create_counter("runs.reconciled", description="Runs the reconciler looked at, by outcome")
+_settled = _meter.create_counter("runs.settled", description="Runs settled with the ledger, by final status")
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    public_url: str = "http://127.0.0.1:8080"  # the gateway, as ComfyUI Deploy reaches it
+    poll_after_seconds: float = 20.0  # a run with no news for this long is polled
+    poll_max_seconds: float = 120.0  # the longest wait between polls of a run waiting in the queue
+    run_timeout_seconds: float = 3600.0  # after submit_time: cancelled upstream, TIMEOUT
+    submit_unknown_seconds: float = 600.0  # a submission whose outcome stays unknown this long: FAILED
+    submit_grace_seconds: float = 30.0  # a queue request in flight this long is treated as unknown
+    pending_grace_seconds: float = 120.0  # a run PENDING this long was interrupted (CreateRun died)
+    retention_seconds: int = 7 * 86_400
+    reconcile_interval_seconds: float = 1.0
+    reconcile_batch: int = 200
+    reconcile_concurrency: int = 16
+    upstream_timeout_seconds: float = 30.0
+    cancel_attempts: int = 4
+
+    @property
+    def hold_ttl_seconds(self) -> int:
+        """A hold outlives the run's time limit, so a slow run is settled before its hold expires."""
+        return int(min(86_400, max(60, self.run_timeout_seconds + 600)))
+
+
+_RELEASE_REASONS = {
+    S.RUN_STATUS_FAILED: points_pb2.RELEASE_REASON_RUN_FAILED,
+    S.RUN_STATUS_TIMEOUT: points_pb2.RELEASE_REASON_RUN_TIMED_OUT,
+    S.RUN_STATUS_CANCELLED: points_pb2.RELEASE_REASON_RUN_CANCELLED,
+}
+_SUBMIT_REASONS = frozenset({"SUBMIT_FAILED", "SUBMIT_OUTCOME_UNKNOWN"})
+# Client errors that prove the queue request never reached upstream: it may be sent again later.
+_NOT_SENT = (upstream_errors.UpstreamUnavailable, upstream_errors.RateLimited, upstream_errors.DeadlineExceeded)
+
+
+class Runs:
+    def __init__(
+        self,
+        store: RedisRunStore,
+        ids: RequestIds,
+        hub: EventHub,
+        workflows: Any,
+        points: Any,
+        upstream: ComfyDeployClient,
+        settings: RunSettings | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.ids = ids
+        self.hub = hub
+        self.workflows = workflows_service_pb2_grpc.WorkflowsServiceStub(workflows)
+        self.points = points_service_pb2_grpc.PointsServiceStub(points)
+        self.upstream = upstream
+        self.settings = settings or RunSettings()
+        self.clock = clock
+        self.owner = uuid.uuid4().hex  # this replica, for the reconciler's lease
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    # --- plumbing ---------------------------------------------------------------------------------
+
+    def now_ms(self) -> int:
+        return int(self.clock() * 1000)
+
+    def _deadline(self, seconds: float | None = None) -> float:
+        return time.monotonic() + (seconds or self.settings.upstream_timeout_seconds)
+
+    def spawn(self, work: Awaitable[Any], name: str) -> None:
+        """Background work of a request; what a crash interrupts, the reconciler finishes."""
+
+        async def run() -> None:
+            try:
+                await work
+            except DomainError as exc:
+                log.warning("%s deferred to the reconciler: %s", name, exc.message)
+            except Exception:
+                log.exception("%s failed; the reconciler will finish it", name)
+
+        task = asyncio.create_task(run(), name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    def webhook_url(self, record: Record) -> str:
+        return f"{self.settings.public_url}/v1/webhooks/comfydeploy?token={record.run.run_id}.{record.token}"
+
+    # --- CreateRun --------------------------------------------------------------------------------
+
+    async def create(self, request: svc.CreateRunRequest, context: grpc.aio.ServicerContext | None) -> S.Run:
+        check = Violations()
+        check.user_id("user_id", request.user_id)
+        if request.request_id:
+            check.request_id(request.request_id)
+        which = request.WhichOneof("workflow")
+        name = (request.workflow_id if which == "workflow_id" else request.workflow_name).strip()
+        if not name:
+            check.add("workflow", "one of workflow_id or workflow_name is required")
+        elif len(name) > MAX_NAME:
+            check.add(which or "workflow", f"must be at most {MAX_NAME} characters")
+        if request.environment not in deployment_pb2.Environment.values():
+            check.add("environment", "is not a known environment")
+        if request.gpu not in gpu_pb2.GpuType.values():
+            check.add("gpu", "is not a known GPU type")
+        _labels(check, request.labels)
+        check.check()
+
+        run_id = str(uuid.uuid4())
+        claim_key = f"{request.user_id}:{request.request_id}"
+        if request.request_id:
+            prior = await self.ids.claim("CreateRun", claim_key, fingerprint(request), run_id.encode())
+            if prior is not None:
+                found = await self.store.get(prior.decode())
+                if found is not None:
+                    return found.run  # a repeat: the same run, as it is now
+                run_id = prior.decode()  # the first attempt died before storing its run: carry it on
+        try:
+            return await self._create(request, run_id, name, context)
+        except BaseException:
+            if request.request_id:
+                with contextlib.suppress(DomainError):
+                    await self.ids.release("CreateRun", claim_key)
+            raise
+
+    async def _create(
+        self, request: svc.CreateRunRequest, run_id: str, name: str, context: grpc.aio.ServicerContext | None
+    ) -> S.Run:
+        now = self.now_ms()
+        run = S.Run(run_id=run_id, user_id=request.user_id, status=S.RUN_STATUS_PENDING, labels=dict(request.labels))
+        run.create_time.CopyFrom(timestamp_from_ms(now))
+        run.update_time.CopyFrom(timestamp_from_ms(now))
+        record = await self.store.create(
+            Record(run, token=secrets.token_urlsafe(24)), now + int(self.settings.pending_grace_seconds * 1000)
+        )
+        try:
+            resolved, inputs = await self._resolve(request, name, context)
+            hold = await self._hold(run, context)
+        except BaseException:
+            with contextlib.suppress(DomainError):
+                await self.store.delete(record)
+            raise
+        workflow, deployment = resolved.workflow, resolved.deployment
+        run.workflow_id = workflow.workflow_id
+        run.workflow_name = workflow.name
+        run.deployment_id = deployment.deployment_id
+        run.machine_id = deployment.machine_id or workflow.machine_id
+        run.gpu = deployment.gpu or request.gpu or workflow.gpu  # type: ignore[assignment]
+        run.environment = deployment.environment  # type: ignore[assignment]
+        run.inputs.CopyFrom(inputs)
+        run.hold_id = hold.hold_id
+        run.points_held = hold.points_held + hold.qoints_held
+        run.status = S.RUN_STATUS_SUBMITTING
+        run.update_time.CopyFrom(timestamp_from_ms(self.now_ms()))
+        record.run = run
+        record.gpu_override = request.gpu
+        record = await self.store.write(Write(record, state.event(run, E.RUN_EVENT_TYPE_STATUS_CHANGED)))
+        await self.store.schedule(run_id, self.now_ms() + int(self.settings.submit_grace_seconds * 1000))
+        self.spawn(self.submit(run_id), f"submit {run_id}")
+        return record.run
+
+    async def _resolve(
+        self, request: svc.CreateRunRequest, name: str, context: grpc.aio.ServicerContext | None
+    ) -> tuple[workflows_service_pb2.ResolveWorkflowResponse, Any]:
+        try:
+            resolved = await self.workflows.ResolveWorkflow(
+                workflows_service_pb2.ResolveWorkflowRequest(name=name, environment=request.environment),  # type: ignore[arg-type]
+                timeout=remaining(context),
+            )
+            validated = await self.workflows.ValidateInputs(
+                workflows_service_pb2.ValidateInputsRequest(
+                    workflow_id=resolved.workflow.workflow_id,
+                    environment=resolved.deployment.environment,
+                    inputs=request.inputs,
+                ),
+                timeout=remaining(context),
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise peer_error(exc, WORKFLOWS) from None
+        return resolved, validated.inputs
+
+    async def _hold(self, run: S.Run, context: grpc.aio.ServicerContext | None) -> points_pb2.Hold:
+        request = points_service_pb2.ReserveHoldRequest(
+            request_id=f"hold:{run.run_id}", user_id=run.user_id, run_id=run.run_id
+        )
+        request.ttl.FromSeconds(self.settings.hold_ttl_seconds)
+        try:
+            reply: points_service_pb2.ReserveHoldResponse = await self.points.ReserveHold(
+                request, timeout=remaining(context)
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise peer_error(exc, POINTS) from None
+        return reply.hold
+
+    # --- submission -------------------------------------------------------------------------------
+
+    async def submit(self, run_id: str) -> None:
+        """Queue the run upstream, once: never again once the request may have gone out."""
+        now = self.now_ms()
+
+        def start(record: Record) -> Write | None:
+            if record.run.status != S.RUN_STATUS_SUBMITTING or record.submit != "none":
+                return None
+            record.submit, record.submit_ms = "sent", now
+            return Write(record)
+
+        record, started = await self.store.update(run_id, start)
+        if not started:
+            return
+        await self.store.schedule(run_id, now + int(self.settings.submit_grace_seconds * 1000))
+        run = record.run
+        gpu = GPU_NAMES.get(record.gpu_override) if record.gpu_override else None
+        try:
+            queued = await self.upstream.queue_run(
+                run.deployment_id,
+                state.struct_values(run.inputs),
+                webhook=self.webhook_url(record),
+                webhook_intermediate_status=True,
+                gpu=gpu,
+                deadline=self._deadline(),
+            )
+        except upstream_errors.OutcomeUnknown:
+            await self._submission_unknown(run_id)
+            return
+        except _NOT_SENT as exc:
+            await self._not_sent(run_id, exc)
+            return
+        except upstream_errors.ComfyDeployError as exc:
+            await self.fail(run_id, "SUBMIT_FAILED", f"ComfyUI Deploy refused the run: {exc.detail}",
+                            _upstream_metadata(exc))  # fmt: skip
+            return
+        await self.adopt(run_id, queued.run_id)
+
+    async def _submission_unknown(self, run_id: str) -> None:
+        def mark(record: Record) -> Write | None:
+            if record.submit != "sent":
+                return None
+            record.submit = "unknown"
+            return Write(record)
+
+        await self.store.update(run_id, mark)
+        await self.store.schedule(run_id, self.now_ms() + 2_000)  # look for it upstream soon
+
+    async def _not_sent(self, run_id: str, error: upstream_errors.ComfyDeployError) -> None:
+        """The request never reached upstream: submit again later, until the unknown-window closes."""
+        record = await self.store.require(run_id)
+        if self.now_ms() - record.run.create_time.ToMilliseconds() > self.settings.submit_unknown_seconds * 1000:
+            await self.fail(run_id, "SUBMIT_FAILED", f"ComfyUI Deploy could not be reached: {error.detail}",
+                            _upstream_metadata(error))  # fmt: skip
+            return
+
+        def unsend(current: Record) -> Write | None:
+            if current.submit != "sent":
+                return None
+            current.submit = "none"
+            return Write(current)
+
+        await self.store.update(run_id, unsend)
+        await self.store.schedule(run_id, self.now_ms() + 5_000)
+
+    async def adopt(self, run_id: str, upstream_run_id: str) -> Record:
+        """The upstream run ``upstream_run_id`` is ours: record it (once) and move the run on."""
+        owner = await self.store.adopt(upstream_run_id, run_id, self.settings.retention_seconds)
+        if owner != run_id:
+            log.error("upstream run %s is claimed by run %s, not %s", upstream_run_id, owner, run_id)
+            return await self.store.require(run_id)
+        now = self.now_ms()
+
+        def change(record: Record) -> Write | None:
+            run = record.run
+            if run.upstream_run_id and record.submit == "done":
+                return None
+            run.upstream_run_id = upstream_run_id
+            record.submit = "done"
+            record.news_ms = now
+            if not run.HasField("submit_time"):
+                run.submit_time.CopyFrom(timestamp_from_ms(now))
+            if run.status in (S.RUN_STATUS_PENDING, S.RUN_STATUS_SUBMITTING):
+                run.status = S.RUN_STATUS_NOT_STARTED
+                run.update_time.CopyFrom(timestamp_from_ms(now))
+                return Write(record, state.event(run, E.RUN_EVENT_TYPE_STATUS_CHANGED))
+            return Write(record)
+
+        record, changed = await self.store.update(run_id, change)
+        if state.is_terminal(record.run.status) and changed:
+            # Ended here (cancelled, failed, lost) while upstream took it: stop it there too.
+            self.spawn(self._cancel_upstream(upstream_run_id), f"cancel orphan {upstream_run_id}")
+        elif changed:
+            await self.store.schedule(run_id, now + int(self.settings.poll_after_seconds * 1000))
+        return record
+
+    async def find_submission(self, record: Record) -> str | None:
+        """The upstream run a lost queue response created: among the deployment's runs created since
+        the request went out, not claimed by another of our runs, the one whose webhook carries this
+        run's token."""
+        since = record.submit_ms - 60_000  # upstream's clock may be behind ours
+        offset, page = 0, 60
+        for _ in range(10):
+            rows = await self.upstream.list_deployment_runs(
+                record.run.deployment_id, limit=page, offset=offset, deadline=self._deadline()
+            )
+            for row in rows:
+                created = row.created_at.timestamp() * 1000 if row.created_at else since
+                if created < since or await self.store.adopted(row.id):
+                    continue
+                candidate = await self.upstream.get_run(row.id, deadline=self._deadline())
+                if candidate.webhook and record.token in candidate.webhook:
+                    return candidate.id
+            oldest = min((r.created_at.timestamp() * 1000 for r in rows if r.created_at), default=0)
+            if len(rows) < page or oldest < since:
+                return None
+            offset += page
+        return None
+
+    # --- webhooks and polls -----------------------------------------------------------------------
+
+    async def webhook(self, request: svc.HandleWebhookRequest) -> svc.HandleWebhookResponse:
+        run_id, _, secret = request.token.partition(".")
+        record = await self.store.get(run_id) if UUID.fullmatch(run_id) and secret else None
+        # Compared in constant time whether or not the run exists.
+        expected = record.token if record is not None else secrets.token_urlsafe(24)
+        if not hmac.compare_digest(secret.encode(), expected.encode()) or record is None:
+            raise Unauthenticated("the webhook token is missing or invalid", reason="WEBHOOK_TOKEN_INVALID")
+        payload = request.payload
+        check = Violations()
+        if not UUID.fullmatch(payload.run_id):
+            check.add("payload.run_id", "must be the upstream run id (a UUID)")
+        if payload.status not in state.STATUS_BY_UPSTREAM:
+            check.add("payload.status", f"must be one of {', '.join(state.STATUS_BY_UPSTREAM)}")
+        check.check()
+        if record.run.upstream_run_id and record.run.upstream_run_id != payload.run_id:
+            return svc.HandleWebhookResponse(accepted=False, run_id=run_id)
+        if not record.run.upstream_run_id:
+            record = await self.adopt(run_id, payload.run_id)  # the token proves the upstream run is ours
+            if record.run.upstream_run_id != payload.run_id:
+                return svc.HandleWebhookResponse(accepted=False, run_id=run_id)
+        changed = await self.apply(run_id, state.report_from_webhook(payload))
+        return svc.HandleWebhookResponse(accepted=True, run_id=run_id, duplicate=not changed)
+
+    async def apply(self, run_id: str, report: state.Report, news: bool = False) -> bool:
+        """Merge a report into the run; True if it changed. ``news``: record the time even if not."""
+        now = self.now_ms()
+        changed = False
+
+        def change(record: Record) -> Write | None:
+            nonlocal changed
+            merged = state.merge(record.run, report, now)
+            changed = merged is not None
+            if merged is None:
+                if not news:
+                    return None
+                record.news_ms = now
+                return Write(record)
+            record.run = merged.run
+            record.news_ms = now
+            record.upstream_duration = record.upstream_duration or merged.upstream_duration
+            return Write(record, state.event(merged.run, merged.event_type, merged.new_outputs))
+
+        record, _ = await self.store.update(run_id, change)
+        if state.is_terminal(record.run.status) and not record.settled:
+            self.spawn(self.settle(run_id), f"settle {run_id}")
+        return changed
+
+    async def poll(self, record: Record) -> None:
+        run = record.run
+        found = await self.upstream.get_run(
+            run.upstream_run_id, queue_position=run.status in state.WAITING, deadline=self._deadline()
+        )
+        await self.apply(run.run_id, state.report_from_run(found), news=True)
+
+    # --- our own endings --------------------------------------------------------------------------
+
+    async def fail(self, run_id: str, reason: str, message: str, metadata: dict[str, str] | None = None) -> None:
+        status = S.RUN_STATUS_TIMEOUT if reason == "RUN_TIMED_OUT" else S.RUN_STATUS_FAILED
+        await self.end(run_id, status, state.run_error(reason, message, metadata))
+
+    async def end(self, run_id: str, status: S.RunStatus, error: S.RunError) -> Record:
+        now = self.now_ms()
+
+        def change(record: Record) -> Write | None:
+            ended = state.finish(record.run, status, error, now)
+            if ended is None:
+                return None
+            record.run = ended
+            return Write(record, state.event(ended, E.RUN_EVENT_TYPE_STATUS_CHANGED))
+
+        await self.store.update(run_id, change)
+        with contextlib.suppress(DomainError):  # the ledger is down: the reconciler settles later
+            await self.settle(run_id)
+        return await self.store.require(run_id)
+
+    # --- settlement -------------------------------------------------------------------------------
+
+    async def settle(self, run_id: str) -> None:
+        record = await self.store.require(run_id)
+        run = record.run
+        if not state.is_terminal(run.status) or record.settled:
+            return
+        if run.status == S.RUN_STATUS_SUCCESS and not record.upstream_duration and run.upstream_run_id:
+            record = await self._billed_duration(record)
+            run = record.run
+        try:
+            hold = await self._settle_hold(run)
+        except DomainError as exc:
+            await self._finished_unsettled(run_id, exc)
+            raise
+        now = self.now_ms()
+
+        def done(current: Record) -> Write | None:
+            if current.settled:
+                return None
+            current.settled = True
+            current.run.settle_time.CopyFrom(timestamp_from_ms(now))
+            current.run.update_time.CopyFrom(timestamp_from_ms(now))
+            if hold is not None and current.run.status == S.RUN_STATUS_SUCCESS:
+                current.run.cost_points = hold.cost_points
+            event = b"" if current.finished else state.event(current.run, E.RUN_EVENT_TYPE_FINISHED)
+            current.finished = True
+            return Write(current, event, ttl_seconds=self.settings.retention_seconds)
+
+        _, written = await self.store.update(run_id, done)
+        if written:
+            _settled.add(1, {"status": S.RunStatus.Name(run.status)})
+        await self.store.unschedule(run_id)
+
+    async def _billed_duration(self, record: Record) -> Record:
+        """Upstream's own run_duration for billing (a webhook does not carry it); our observation
+        if upstream cannot say within the poll window."""
+        run = record.run
+        try:
+            found = await self.upstream.get_run(run.upstream_run_id, deadline=self._deadline())
+        except upstream_errors.ComfyDeployError:
+            if self.now_ms() - run.end_time.ToMilliseconds() < self.settings.poll_max_seconds * 1000:
+                raise Unavailable(
+                    "ComfyUI Deploy did not say how long the run took", reason="UPSTREAM_UNAVAILABLE"
+                ) from None
+            return record
+        report = state.report_from_run(found)
+        now = self.now_ms()
+
+        def change(current: Record) -> Write | None:
+            merged = state.merge(current.run, report, now, final=True)
+            current.upstream_duration = True
+            if merged is None:
+                return Write(current)
+            current.run = merged.run
+            kind = E.RUN_EVENT_TYPE_OUTPUT if merged.new_outputs else E.RUN_EVENT_TYPE_PROGRESS
+            return Write(current, state.event(merged.run, kind, merged.new_outputs))
+
+        updated, _ = await self.store.update(run.run_id, change)
+        return updated
+
+    async def _settle_hold(self, run: S.Run) -> points_pb2.Hold | None:
+        if not run.hold_id:
+            return None
+        request_id = f"settle:{run.run_id}"
+        try:
+            if run.status == S.RUN_STATUS_SUCCESS:
+                usage = points_pb2.Usage(gpu=run.gpu or gpu_pb2.GPU_TYPE_CPU, gpu_time=run.run_duration)
+                capture = points_service_pb2.CaptureHoldRequest(
+                    request_id=request_id, user_id=run.user_id, hold_id=run.hold_id, usage=usage
+                )
+                captured: points_service_pb2.CaptureHoldResponse = await self.points.CaptureHold(capture, timeout=10)
+                return captured.hold
+            reason = _RELEASE_REASONS.get(run.status, points_pb2.RELEASE_REASON_OTHER)
+            if run.error.reason in _SUBMIT_REASONS:
+                reason = points_pb2.RELEASE_REASON_SUBMIT_FAILED
+            elif run.error.reason == "INTERRUPTED":
+                reason = points_pb2.RELEASE_REASON_OTHER
+            release = points_service_pb2.ReleaseHoldRequest(
+                request_id=request_id, user_id=run.user_id, hold_id=run.hold_id, reason=reason,
+                memo=run.error.reason.lower() or "run ended",
+            )  # fmt: skip
+            released: points_service_pb2.ReleaseHoldResponse = await self.points.ReleaseHold(release, timeout=10)
+            return released.hold
+        except grpc.aio.AioRpcError as exc:
+            error = peer_error(exc, POINTS)
+            if exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION):
+                # The hold is gone or already settled (expired, for a release): nothing is left to do.
+                log.warning("settling run %s: %s", run.run_id, exc.details(), extra={"run_id": run.run_id})
+                return None
+            raise error from None
+
+    async def _finished_unsettled(self, run_id: str, error: DomainError) -> None:
+        """Settlement failed for now: watchers still get FINISHED; the reconciler retries settling."""
+
+        def mark(current: Record) -> Write | None:
+            if current.finished:
+                return None
+            current.finished = True
+            return Write(current, state.event(current.run, E.RUN_EVENT_TYPE_FINISHED))
+
+        with contextlib.suppress(DomainError):
+            await self.store.update(run_id, mark)
+            await self.store.schedule(run_id, self.now_ms() + 5_000)
+        log.warning("run %s not settled yet: %s", run_id, error.message, extra={"run_id": run_id})
+
+    # --- CancelRun --------------------------------------------------------------------------------
+
+    async def cancel(self, request: svc.CancelRunRequest) -> S.Run:
+        check = Violations()
+        if request.request_id:
+            check.request_id(request.request_id)
+        _run_id(check, request.run_id)
+        check.check()
+        record = await self.store.require(request.run_id)
+        if state.is_terminal(record.run.status):
+            return record.run
+        cancelled = state.run_error("RUN_CANCELLED", "cancelled by CancelRun", {"source": "cancel_run"})
+        if not record.run.upstream_run_id:
+            # Not upstream (yet): it ends here; a queue request still in flight is cancelled upstream
+            # when its answer arrives (adopt).
+            return (await self.end(request.run_id, S.RUN_STATUS_CANCELLED, cancelled)).run
+        refused = await self._cancel_upstream(record.run.upstream_run_id)
+        for attempt in range(self.settings.cancel_attempts):
+            current = await self.store.require(request.run_id)
+            if state.is_terminal(current.run.status):
+                return current.run
+            try:
+                found = await self.upstream.get_run(current.run.upstream_run_id, deadline=self._deadline(10))
+            except upstream_errors.ComfyDeployError:
+                found = None
+            if found is not None:
+                await self.apply(request.run_id, state.report_from_run(found), news=True)
+                if found.is_terminal:
+                    return (await self.store.require(request.run_id)).run
+            await asyncio.sleep(0.2 * 2**attempt)
+        if refused is not None:
+            raise FailedPrecondition(
+                "ComfyUI Deploy cannot cancel this run", reason="RUN_NOT_CANCELLABLE",
+                metadata={"run_id": request.run_id, "upstream_detail": refused[:200]},
+            )  # fmt: skip
+        raise Unavailable("ComfyUI Deploy did not confirm the cancel; retry", reason="UPSTREAM_UNAVAILABLE")
+
+    async def _cancel_upstream(self, upstream_run_id: str) -> str | None:
+        """POST cancel with retries: upstream answers 500 for many reasons, often after applying it,
+        and a repeat is harmless. Returns upstream's last refusal, or None once it said yes."""
+        refusal: str | None = None
+        for attempt in range(self.settings.cancel_attempts):
+            try:
+                await self.upstream.cancel_run(upstream_run_id, deadline=self._deadline(10))
+                return None
+            except upstream_errors.ComfyDeployError as exc:
+                refusal = exc.detail
+            await asyncio.sleep(0.1 * 2**attempt)
+        return refusal
+
+    # --- reads ------------------------------------------------------------------------------------
+
+    async def get(self, run_id: str) -> S.Run:
+        check = Violations()
+        _run_id(check, run_id)
+        check.check()
+        return (await self.store.require(run_id)).run
+
+    async def list(self, request: svc.ListRunsRequest) -> svc.ListRunsResponse:
+        check = Violations()
+        check.user_id("user_id", request.user_id)
+        page_size = check.page_size(request.page_size)
+        known = set(S.RunStatus.values()) - {S.RUN_STATUS_UNSPECIFIED}
+        if any(s not in known for s in request.statuses):
+            check.add("statuses", "must hold known statuses, not RUN_STATUS_UNSPECIFIED")
+        check.check()
+        statuses = sorted(set(request.statuses))
+        before: tuple[int, str] | None = None
+        if request.page_token:
+            token = decode_page_token(request.page_token, {"u": request.user_id, "s": statuses})
+            at, after = token.get("t"), token.get("r")
+            if type(at) is not int or not isinstance(after, str):
+                decode_page_token("", {"u": request.user_id})  # raises INVALID_PAGE_TOKEN
+            before = (int(at), str(after))  # type: ignore[arg-type]
+        runs: list[S.Run] = []
+        more = False
+        for _ in range(20):  # a filter may skip many runs: look at a bounded number of batches
+            rows = await self.store.list_user(request.user_id, before, page_size + 1)
+            records = await self.store.get_many([run_id for _, run_id in rows])
+            for (at, run_id), record in zip(rows, records, strict=True):
+                if len(runs) == page_size:
+                    more = True
+                    break
+                before = (at, run_id)
+                if record is not None and (not statuses or record.run.status in statuses):
+                    runs.append(record.run)
+            if more or len(rows) <= page_size:
+                break
+        next_token = ""
+        if more and before is not None:
+            next_token = encode_page_token({"u": request.user_id, "s": statuses, "t": before[0], "r": before[1]})
+        return svc.ListRunsResponse(runs=runs, next_page_token=next_token)
+
+    async def watch(self, run_id: str) -> AsyncIterator[svc.WatchRunResponse]:
+        """SNAPSHOT, then every change from the run's event stream, until FINISHED."""
+        check = Violations()
+        _run_id(check, run_id)
+        check.check()
+        async with self.hub.subscribe(run_id) as wake:
+            record = await self.store.require(run_id)
+            yield svc.WatchRunResponse(run=record.run, event_type=E.RUN_EVENT_TYPE_SNAPSHOT)
+            if record.finished:
+                yield svc.WatchRunResponse(run=record.run, event_type=E.RUN_EVENT_TYPE_FINISHED)
+                return
+            last = record.event_id
+            while True:
+                await wake.wait(5.0)  # a lost notification costs at most this long
+                events = await self.store.events_after(run_id, last, 200)
+                if not events and await self.store.get(run_id) is None:
+                    raise NotFound(f"run {run_id} expired", reason="RUN_NOT_FOUND", metadata={"run_id": run_id})
+                messages = [svc.WatchRunResponse.FromString(data) for _, data in events]
+                if events:
+                    last = events[-1][0]
+                for index, message in enumerate(messages):
+                    later = messages[index + 1] if index + 1 < len(messages) else None
+                    if message.event_type == E.RUN_EVENT_TYPE_SNAPSHOT:
+                        continue
+                    if message.event_type == E.RUN_EVENT_TYPE_PROGRESS and later is not None:
+                        continue  # a slow reader gets the latest progress, not every step
+                    yield message
+                    if message.event_type == E.RUN_EVENT_TYPE_FINISHED:
+                        return
+
+    # --- the reconciler ---------------------------------------------------------------------------
+
+    async def reconcile_forever(self) -> None:
+        while True:
+            try:
+                await self.reconcile_pass()
+            except DomainError as exc:
+                log.warning("reconciler pass deferred: %s", exc.message)
+            await asyncio.sleep(self.settings.reconcile_interval_seconds)
+
+    async def reconcile_pass(self) -> int:
+        """One pass over the runs that are due, on the replica holding the lease; how many it saw."""
+        interval_ms = int(self.settings.reconcile_interval_seconds * 1000)
+        if not await self.store.lease(self.owner, max(5_000, interval_ms * 5)):
+            return 0
+        due = await self.store.due(self.now_ms(), self.settings.reconcile_batch)
+        limit = asyncio.Semaphore(self.settings.reconcile_concurrency)
+
+        async def one(run_id: str) -> None:
+            async with limit:
+                try:
+                    outcome = await self.reconcile(run_id)
+                except (DomainError, upstream_errors.ComfyDeployError) as exc:
+                    outcome = "deferred"
+                    log.warning("reconciling run %s deferred: %s", run_id, exc, extra={"run_id": run_id})
+                    with contextlib.suppress(DomainError):
+                        await self.store.schedule(run_id, self.now_ms() + 5_000)
+                except Conflict:
+                    outcome = "conflict"
+                _reconciled.add(1, {"outcome": outcome})
+
+        await asyncio.gather(*(one(run_id) for run_id in due))
+        return len(due)
+
+    async def reconcile(self, run_id: str) -> str:
+        """Move one run on, whatever state a crash or a silent upstream left it in; the outcome."""
+        record = await self.store.get(run_id)
+        if record is None:
+            await self.store.unschedule(run_id)
+            return "gone"
+        run, now, settings = record.run, self.now_ms(), self.settings
+        if state.is_terminal(run.status):
+            if record.settled:
+                await self.store.unschedule(run_id)
+                return "done"
+            await self.settle(run_id)
+            return "settled"
+        if run.status == S.RUN_STATUS_PENDING:
+            age = now - run.create_time.ToMilliseconds()
+            if age < settings.pending_grace_seconds * 1000:
+                await self.store.schedule(run_id, run.create_time.ToMilliseconds() + int(
+                    settings.pending_grace_seconds * 1000))  # fmt: skip
+                return "pending"
+            await self._interrupted(record)
+            return "interrupted"
+        if run.HasField("submit_time") and now > run.submit_time.ToMilliseconds() + settings.run_timeout_seconds * 1000:
+            await self._cancel_upstream(run.upstream_run_id)
+            await self.fail(run_id, "RUN_TIMED_OUT", "the run did not finish within its time limit",
+                            {"source": "deadline"})  # fmt: skip
+            return "timed_out"
+        if run.status == S.RUN_STATUS_SUBMITTING:
+            return await self._reconcile_submission(record)
+        quiet = now - max(record.news_ms, run.submit_time.ToMilliseconds())
+        wait = self._poll_interval_ms(record, now)
+        if quiet < wait:
+            await self.store.schedule(run_id, now + wait - quiet)
+            return "quiet"
+        await self.poll(record)
+        await self.store.schedule(run_id, now + self._poll_interval_ms(await self.store.require(run_id), now))
+        return "polled"
+
+    def _poll_interval_ms(self, record: Record, now: int) -> int:
+        """Every poll_after seconds while running; while waiting in the queue, half the time it has
+        waited, between poll_after and poll_max (a queue that is long now is long a while yet)."""
+        base = self.settings.poll_after_seconds * 1000
+        if record.run.status in state.WAITING:
+            waited = now - record.run.submit_time.ToMilliseconds()
+            return int(min(self.settings.poll_max_seconds * 1000, max(base, waited / 2)))
+        return int(base)
+
+    async def _reconcile_submission(self, record: Record) -> str:
+        run, now, settings = record.run, self.now_ms(), self.settings
+        if record.submit == "none":
+            await self.submit(run.run_id)
+            return "submitted"
+        if record.submit == "sent" and now - record.submit_ms < settings.submit_grace_seconds * 1000:
+            await self.store.schedule(run.run_id, record.submit_ms + int(settings.submit_grace_seconds * 1000))
+            return "submitting"
+        found = await self.find_submission(record)
+        if found is not None:
+            await self.adopt(run.run_id, found)
+            return "found"
+        if now - record.submit_ms > settings.submit_unknown_seconds * 1000:
+            lost = "ComfyUI Deploy's answer to the queue request was lost and the run was not found upstream"
+            await self.fail(run.run_id, "SUBMIT_OUTCOME_UNKNOWN", lost)
+            return "lost"
+        await self.store.schedule(run.run_id, now + 10_000)
+        return "searching"
+
+    async def _interrupted(self, record: Record) -> None:
+        """CreateRun died while the run was PENDING: end it and give back a hold it may have taken.
+        Reserving with the run's own request_id returns that hold if it was taken (a replay) and
+        takes one otherwise; either way it is released at once."""
+        run = record.run
+        try:
+            hold = await self._hold(run, None)
+            run_with_hold = record.copy()
+            run_with_hold.run.hold_id = hold.hold_id
+            run_with_hold.run.points_held = hold.points_held + hold.qoints_held
+            with contextlib.suppress(Conflict):
+                await self.store.write(Write(run_with_hold))
+        except DomainError:
+            pass  # no points, too many holds: no hold was taken by this run
+        await self.fail(run.run_id, "INTERRUPTED", "the service stopped while the run was being created")
+
+
+def _labels(check: Violations, labels: Any) -> None:
+    if len(labels) > MAX_LABELS:
+        check.add("labels", f"at most {MAX_LABELS} labels")
+    for key, value in labels.items():
+        if not LABEL_KEY.fullmatch(key):
+            check.add(f"labels.{key[:63]}", "keys are 1 to 63 characters of a-z 0-9 _ . -")
+        elif len(value) > MAX_LABEL_VALUE:
+            check.add(f"labels.{key}", f"values are at most {MAX_LABEL_VALUE} characters")
+
+
+def _run_id(check: Violations, run_id: str) -> None:
+    if not UUID.fullmatch(run_id):
+        check.add("run_id", "is not a run id (a UUID)")
+
+
+def _upstream_metadata(error: upstream_errors.ComfyDeployError) -> dict[str, str]:
+    metadata = {"upstream_detail": error.detail[:200]}
+    if error.status is not None:
+        metadata["upstream_status"] = str(error.status)
+    return metadata
+
+
+__all__ = ["RunSettings", "Runs", "webhook_pb2"]
