@@ -126,14 +126,14 @@ class RunningEmulator:
 
 
 async def start_for_tests(**overrides: Any) -> RunningEmulator:
-    settings = EmulatorSettings(
-        api_keys=(API_KEY,),
-        other_api_keys=(OTHER_API_KEY,),
-        listen_addr="127.0.0.1:0",
-        step_seconds=0.02,
-        webhook_backoff_scale=0.05,
-        webhook_timeout_seconds=5.0,
-        **overrides,
-    )
+    fields: dict[str, Any] = {
+        "api_keys": (API_KEY,),
+        "other_api_keys": (OTHER_API_KEY,),
+        "listen_addr": "127.0.0.1:0",
+        "step_seconds": 0.02,
+        "webhook_backoff_scale": 0.05,
+        "webhook_timeout_seconds": 5.0,
+    }
+    settings = EmulatorSettings(**{**fields, **overrides})
     base_url, stop = await start(settings)
     return RunningEmulator(base_url, base_url.removesuffix("/api"), API_KEY, OTHER_API_KEY, stop)

@@ -76,6 +76,12 @@ class ComfyUIConfig(RedisSettings, ComfyDeploySettings):
         parse=positive_int,
         doc="How long a finished run and its events are kept.",
     )
+    pending_grace_seconds: float = env(
+        "COMFYUI_PENDING_GRACE_SECONDS",
+        default=120.0,
+        parse=positive_float,
+        doc="A run still being created (PENDING) this long after CreateRun began was interrupted: it ends FAILED.",
+    )
     reconcile_interval_seconds: float = env(
         "COMFYUI_RECONCILE_INTERVAL_SECONDS",
         default=1.0,
@@ -92,4 +98,5 @@ class ComfyUIConfig(RedisSettings, ComfyDeploySettings):
             submit_unknown_seconds=self.submit_unknown_seconds,
             retention_seconds=self.run_retention_seconds,
             reconcile_interval_seconds=self.reconcile_interval_seconds,
+            pending_grace_seconds=self.pending_grace_seconds,
         )
