@@ -1,6 +1,6 @@
 """`make bench`: run every benchmark in turn (each prints its figures side by side, and the ratio)."""
 
-from . import catalog, gateway, points, rpc_overhead, upstream
+from . import catalog, gateway, points, rpc_overhead, runs, upstream
 
 if __name__ == "__main__":
     rpc_overhead.main()
@@ -8,3 +8,4 @@ if __name__ == "__main__":
     upstream.main()
     catalog.main()
     gateway.main()
+    runs.main()

@@ -28,6 +28,9 @@ log = logging.getLogger("emulator.webhooks")
 
 ATTEMPTS = 3
 BACKOFF_SECONDS = (0.5, 1.0)
+# Deliveries in flight at once, below the HTTP pool's size: requests waiting inside httpcore's pool
+# cost time quadratic in their number (measured: one core saturated at 1000 runs in flight).
+IN_FLIGHT = 64
 
 
 def target_events(url: str) -> set[str]:
@@ -75,6 +78,7 @@ class WebhookSender:
         self._queues: dict[str, asyncio.Queue[Delivery]] = {}
         self._workers: dict[str, asyncio.Task[None]] = {}
         self._client: httpx.AsyncClient | None = None
+        self._in_flight = asyncio.Semaphore(IN_FLIGHT)
 
     # --- events -----------------------------------------------------------------------------------
 
@@ -158,7 +162,11 @@ class WebhookSender:
 
     def _http(self) -> httpx.AsyncClient:
         if self._client is None:
-            self._client = httpx.AsyncClient(timeout=self.settings.webhook_timeout_seconds, trust_env=False)
+            self._client = httpx.AsyncClient(
+                timeout=self.settings.webhook_timeout_seconds,
+                trust_env=False,
+                limits=httpx.Limits(max_connections=IN_FLIGHT * 2, max_keepalive_connections=IN_FLIGHT * 2),
+            )
         return self._client
 
     async def _deliver(self, delivery: Delivery) -> None:
@@ -166,7 +174,8 @@ class WebhookSender:
             record: dict[str, Any] = {"at": iso(now()), "status_code": None, "error": None}
             delivery.attempts.append(record)
             try:
-                response = await self._http().post(delivery.url, json=delivery.payload)
+                async with self._in_flight:
+                    response = await self._http().post(delivery.url, json=delivery.payload)
                 record["status_code"] = response.status_code
                 if response.is_success:
                     delivery.state = "delivered"
