@@ -22,8 +22,11 @@ import pytest
 import redis.asyncio as aioredis
 from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
 
-from common import redis_client
+from common import redis_client, telemetry
 from services.points.config import PointsConfig
 from services.points.ledger import LedgerSettings, RedisLedger, SystemClock
 from services.points.server import build
@@ -1355,3 +1358,197 @@ async def test_unset_and_zero_durations_are_the_same_parameters(points):
     assert again_captured.SerializeToString(deterministic=True) == captured.SerializeToString(deterministic=True)
     kinds = [t.kind for t in await points.txs("durations")]
     assert kinds == [pb.TRANSACTION_KIND_HOLD_CAPTURED, pb.TRANSACTION_KIND_HOLD_RESERVED]
+
+
+_SPANS = InMemorySpanExporter()
+_TRACING: list[bool] = []
+
+
+async def test_each_ledger_call_is_one_client_span(make_points):
+    """One span per script call, named by operation, with the attributes of a Redis call; the Redis
+    instrumentation adds no span of its own inside it (docs/decisions/0008, 0011)."""
+    if not _TRACING:  # the process's tracer provider (as the service sets it up), once
+        telemetry.setup("test", {}, extra=SimpleSpanProcessor(_SPANS))
+        _TRACING.append(True)
+    points = await make_points()  # its ledger gets its tracer from that provider
+    trace_id = uuid.uuid4().hex
+    held = await points.stub.ReserveHold(
+        rpc.ReserveHoldRequest(request_id=rid(), user_id="traced", estimate_points=10),
+        timeout=10,
+        metadata=(("traceparent", f"00-{trace_id}-{uuid.uuid4().hex[:16]}-01"),),
+    )
+    assert held.hold.points_held == 10
+    ours = [span for span in _SPANS.get_finished_spans() if format(span.context.trace_id, "032x") == trace_id]
+    clients = [span for span in ours if span.kind == SpanKind.CLIENT]
+    assert [span.name for span in clients] == ["ledger reserve"], [span.name for span in ours]
+    assert dict(clients[0].attributes or {}) == {
+        "db.system": "redis",
+        "db.operation.name": "EVALSHA",
+        "server.address": "127.0.0.1",
+    }
+    server = [span for span in ours if span.kind == SpanKind.SERVER]
+    assert clients[0].parent is not None and clients[0].parent.span_id == server[0].context.span_id
+
+
+# --- 7. records written before docs/decisions/0011 ------------------------------------------------
+
+# What the ledger script before 0011 wrote (numbers as decimal strings, each reply stored as a JSON
+# string inside {"fp", "result"}): user "legacy" credited 500 qoints at T0, a hold of 420 reserved at
+# T0 + 1 s (370 points and 50 qoints), and a transfer of 30 qoints to "legacy-friend" at T0 + 2 s
+# interrupted after its debit. A dump of a real run of that script.
+LEGACY_HOLD = "4cddc1c2af094183aab6760eecc24565"
+LEGACY_STORE: dict[str, Any] = {
+    "pts:extref:{pay-legacy}": "legacy",
+    "pts:xfer:pending": [
+        ("legacy\n4fb243c26aab5715991bfdc8faa88330\nc89faf0481cc435397c69f3744c84a0d", 1700000102000),
+    ],
+    "pts:{legacy}:acct": {
+        "tb": "0",
+        "used": "0",
+        "hp": "370",
+        "q": "470",
+        "hq": "50",
+        "unpaid": "0",
+        "exp": "0",
+        "period": "1888889",
+        "seq": "3",
+        "updated": "1700000102000",
+    },
+    "pts:{legacy}:extref:pay-legacy": "legacy/1",
+    "pts:{legacy}:hold:4cddc1c2af094183aab6760eecc24565": (
+        '{"q":"50","unpaid":"0","settled":"0","user":"legacy","id":"4cddc1c2af094183aab67'
+        '60eecc24565","created":"1700000101000","run":"run-legacy","reason":"","state":"O'
+        'PEN","pc":"0","expires":"1700003701000","est":"420","cost":"0","qc":"0","p":"370'
+        '","memo":""}'
+    ),
+    "pts:{legacy}:idem:CreditQoints:legacy-credit": (
+        '{"fp":"bb41983af9cda19ea675ecdd23c9178f7a5f34f1089fcf2c6ca2f9da8827a109","result'
+        '":"{\\"tx\\":{\\"d_hq\\":\\"0\\",\\"source\\":\\"PURCHASE\\",\\"exp\\":\\"0\\",\\"d_q\\":\\"500\\"'
+        ',\\"request_id\\":\\"legacy-credit\\",\\"d_exp\\":\\"0\\",\\"d_used\\":\\"0\\",\\"maxp\\":\\"37'
+        '0\\",\\"q\\":\\"500\\",\\"unpaid\\":\\"0\\",\\"id\\":\\"legacy\\\\\\/1\\",\\"memo\\":\\"\\",\\"at\\":\\'
+        '"1700000100000\\",\\"d_hp\\":\\"0\\",\\"d_unpaid\\":\\"0\\",\\"used\\":\\"0\\",\\"tb\\":\\"0\\",\\'
+        '"kind\\":\\"QOINTS_CREDITED\\",\\"seq\\":\\"1\\",\\"external_reference\\":\\"pay-legacy\\"}'
+        ',\\"account\\":{\\"q\\":\\"500\\",\\"avail_p\\":\\"370\\",\\"used\\":\\"0\\",\\"exp\\":\\"0\\",\\"n'
+        'ext_at\\":\\"0\\",\\"avail_q\\":\\"500\\",\\"hp\\":\\"0\\",\\"hq\\":\\"0\\",\\"updated\\":\\"17000'
+        '00100000\\",\\"holds\\":{},\\"now\\":\\"1700000100000\\",\\"tb\\":\\"0\\",\\"next_points\\":\\'
+        '"0\\",\\"unpaid\\":\\"0\\",\\"maxp\\":\\"370\\",\\"user\\":\\"legacy\\"}}"}'
+    ),
+    "pts:{legacy}:idem:ReserveHold:legacy-reserve": (
+        '{"fp":"4129775ff9d030519e66e148646958dae05f3133eb9a869d451b9799c84da0d4","result'
+        '":"{\\"tx\\":{\\"d_hq\\":\\"50\\",\\"exp\\":\\"0\\",\\"d_q\\":\\"0\\",\\"request_id\\":\\"legacy-'
+        'reserve\\",\\"d_exp\\":\\"0\\",\\"hold_id\\":\\"4cddc1c2af094183aab6760eecc24565\\",\\"d_u'
+        'sed\\":\\"0\\",\\"maxp\\":\\"370\\",\\"q\\":\\"500\\",\\"unpaid\\":\\"0\\",\\"id\\":\\"legacy\\\\\\/2'
+        '\\",\\"at\\":\\"1700000101000\\",\\"d_hp\\":\\"370\\",\\"d_unpaid\\":\\"0\\",\\"used\\":\\"0\\",\\'
+        '"tb\\":\\"0\\",\\"kind\\":\\"HOLD_RESERVED\\",\\"seq\\":\\"2\\",\\"run_id\\":\\"run-legacy\\"},'
+        '\\"hold\\":{\\"q\\":\\"50\\",\\"unpaid\\":\\"0\\",\\"settled\\":\\"0\\",\\"user\\":\\"legacy\\",\\"'
+        'id\\":\\"4cddc1c2af094183aab6760eecc24565\\",\\"created\\":\\"1700000101000\\",\\"run\\":'
+        '\\"run-legacy\\",\\"reason\\":\\"\\",\\"state\\":\\"OPEN\\",\\"pc\\":\\"0\\",\\"expires\\":\\"170'
+        '0003701000\\",\\"est\\":\\"420\\",\\"cost\\":\\"0\\",\\"qc\\":\\"0\\",\\"p\\":\\"370\\",\\"memo\\":'
+        '\\"\\"},\\"account\\":{\\"q\\":\\"500\\",\\"avail_p\\":\\"0\\",\\"used\\":\\"0\\",\\"exp\\":\\"0\\",'
+        '\\"next_at\\":\\"0\\",\\"avail_q\\":\\"450\\",\\"hp\\":\\"370\\",\\"hq\\":\\"50\\",\\"updated\\":\\'
+        '"1700000101000\\",\\"holds\\":[{\\"q\\":\\"50\\",\\"unpaid\\":\\"0\\",\\"settled\\":\\"0\\",\\"u'
+        'ser\\":\\"legacy\\",\\"id\\":\\"4cddc1c2af094183aab6760eecc24565\\",\\"created\\":\\"17000'
+        '00101000\\",\\"run\\":\\"run-legacy\\",\\"reason\\":\\"\\",\\"state\\":\\"OPEN\\",\\"pc\\":\\"0\\'
+        '",\\"expires\\":\\"1700003701000\\",\\"est\\":\\"420\\",\\"cost\\":\\"0\\",\\"qc\\":\\"0\\",\\"p\\'
+        '":\\"370\\",\\"memo\\":\\"\\"}],\\"now\\":\\"1700000101000\\",\\"tb\\":\\"0\\",\\"next_points\\"'
+        ':\\"0\\",\\"unpaid\\":\\"0\\",\\"maxp\\":\\"370\\",\\"user\\":\\"legacy\\"}}"}'
+    ),
+    "pts:{legacy}:open": [
+        ("4cddc1c2af094183aab6760eecc24565", 1700003701000),
+    ],
+    "pts:{legacy}:tx": [
+        (
+            (
+                '{"d_hq":"0","source":"PURCHASE","exp":"0","d_q":"500","request_id":"legacy-credi'
+                't","d_exp":"0","d_used":"0","maxp":"370","q":"500","unpaid":"0","id":"legacy\\/1"'
+                ',"memo":"","at":"1700000100000","d_hp":"0","d_unpaid":"0","used":"0","tb":"0","k'
+                'ind":"QOINTS_CREDITED","seq":"1","external_reference":"pay-legacy"}'
+            ),
+            1,
+        ),
+        (
+            (
+                '{"d_hq":"50","exp":"0","d_q":"0","request_id":"legacy-reserve","d_exp":"0","hold'
+                '_id":"4cddc1c2af094183aab6760eecc24565","d_used":"0","maxp":"370","q":"500","unp'
+                'aid":"0","id":"legacy\\/2","at":"1700000101000","d_hp":"370","d_unpaid":"0","used'
+                '":"0","tb":"0","kind":"HOLD_RESERVED","seq":"2","run_id":"run-legacy"}'
+            ),
+            2,
+        ),
+        (
+            (
+                '{"d_hq":"0","exp":"0","d_q":"-30","counterparty":"legacy-friend","request_id":"l'
+                'egacy-transfer","d_exp":"0","d_unpaid":"0","maxp":"370","q":"470","transfer_id":'
+                '"4fb243c26aab5715991bfdc8faa88330","id":"legacy\\/3","d_used":"0","at":"170000010'
+                '2000","d_hp":"0","unpaid":"0","used":"0","tb":"0","kind":"QOINTS_TRANSFERRED_OUT'
+                '","seq":"3","memo":"old"}'
+            ),
+            3,
+        ),
+    ],
+    "pts:{legacy}:xfer:4fb243c26aab5715991bfdc8faa88330": (
+        '{"created":"1700000102000","to":"legacy-friend","xfer_id":"4fb243c26aab5715991bf'
+        'dc8faa88330","out_tx":{"d_hq":"0","exp":"0","d_q":"-30","counterparty":"legacy-f'
+        'riend","request_id":"legacy-transfer","d_exp":"0","d_unpaid":"0","maxp":"370","q'
+        '":"470","transfer_id":"4fb243c26aab5715991bfdc8faa88330","id":"legacy\\/3","d_use'
+        'd":"0","at":"1700000102000","d_hp":"0","unpaid":"0","used":"0","tb":"0","kind":"'
+        'QOINTS_TRANSFERRED_OUT","seq":"3","memo":"old"},"request_id":"legacy-transfer","'
+        'state":"PENDING","from":"legacy","fp":"4b71cdfd54b727f2437c14f9482f2d793b872b646'
+        'da9834873147b78dd9a1736","qoints":"30","memo":"old"}'
+    ),
+}
+
+
+async def test_records_written_before_0011_are_read_and_replayed(make_points):
+    points = await make_points(FakeClock(T0 + 3000), POINTS_TRANSFER_RECOVERY_SECONDS="3600")
+    for key, value in LEGACY_STORE.items():
+        if isinstance(value, dict):
+            await points.redis.hset(key, mapping=value)
+        elif isinstance(value, list):
+            await points.redis.zadd(key, dict(value))
+        elif ":idem:" in key:
+            await points.redis.set(key, value, ex=86_400)
+        else:
+            await points.redis.set(key, value)
+    user = "legacy"
+
+    # Replies stored before 0011 replay as they were; other parameters under their ids are refused.
+    replayed = await points.reserve(user, 420, request_id="legacy-reserve", run_id="run-legacy")
+    assert (replayed.hold.hold_id, replayed.hold.state) == (LEGACY_HOLD, pb.HOLD_STATE_OPEN)
+    assert (replayed.hold.points_held, replayed.hold.qoints_held, replayed.hold.estimate_points) == (370, 50, 420)
+    assert [h.hold_id for h in replayed.account.open_holds] == [LEGACY_HOLD]
+    assert (replayed.account.qoints, replayed.account.qoints_held) == (500, 50)
+    assert replayed.transaction.transaction_id == "legacy/2"
+    credited = await points.credit(user, 500, ref="pay-legacy", request_id="legacy-credit")
+    assert (credited.account.qoints, credited.transaction.qoints_delta) == (500, 500)
+    reused = points.reserve(user, 421, request_id="legacy-reserve", run_id="run-legacy")
+    await fails(reused, INVALID, "REQUEST_ID_REUSED")
+
+    # The hold, the account and the interrupted transfer as written then.
+    a = await points.account(user)
+    assert [h.hold_id for h in a.open_holds] == [LEGACY_HOLD]
+    assert (a.points_held, a.qoints, a.qoints_held) == (370, 470, 50)
+    check_account(a)
+    moved = await points.transfer(user, "legacy-friend", 30, request_id="legacy-transfer", memo="old")
+    assert (moved.from_account.qoints, moved.to_account.qoints) == (470, 30)
+    assert moved.outgoing_transaction.transaction_id == "legacy/3"
+    assert await points.app.ledger.recover_transfers(older_than_ms=0) == 0  # drops the first attempt's entry
+    assert await points.redis.zcard("pts:xfer:pending") == 0
+
+    # Written on by this script: a capture of the old hold continues the ledger.
+    points.clock.advance(1000)
+    captured = await points.capture(user, LEGACY_HOLD, 400)
+    assert (captured.hold.state, captured.hold.points_charged, captured.hold.qoints_charged) == (
+        pb.HOLD_STATE_CAPTURED,
+        370,
+        30,
+    )
+    assert captured.transaction.transaction_id == "legacy/4"
+    a = await points.account(user)
+    assert (a.points_used, a.points_held, a.qoints, a.qoints_held, a.exp, len(a.open_holds)) == (370, 0, 440, 0, 400, 0)
+    txs = await points.txs(user)
+    assert [t.transaction_id for t in txs] == ["legacy/4", "legacy/3", "legacy/2", "legacy/1"]
+    check_ledger(a, txs)
+    assert (await points.hold(user, LEGACY_HOLD)).state == pb.HOLD_STATE_CAPTURED
+    again = await points.reserve(user, 420, request_id="legacy-reserve", run_id="run-legacy")
+    assert again.SerializeToString(deterministic=True) == replayed.SerializeToString(deterministic=True)

@@ -21,11 +21,23 @@ from .economy import level
 M = TypeVar("M", bound=Message)
 
 
+_PLAIN: dict[tuple[type, type], tuple[str, ...]] = {}
+
+
+def _plain(message_type: type[Message], record_type: type) -> tuple[str, ...]:
+    """The fields of a record type that the message type has by the same name, worked out once."""
+    names = _PLAIN.get((message_type, record_type))
+    if names is None:
+        has = message_type.DESCRIPTOR.fields_by_name
+        names = tuple(f.name for f in dataclasses.fields(record_type) if f.name in has)
+        _PLAIN[message_type, record_type] = names
+    return names
+
+
 def _message(message_type: type[M], record: Any, times: dict[str, int], **special: Any) -> M:
     """``message_type`` with each field of ``record`` it has by the same name, then ``special``, and
     the Timestamp fields in ``times`` that are set (not 0)."""
-    names = message_type.DESCRIPTOR.fields_by_name
-    plain = {f.name: getattr(record, f.name) for f in dataclasses.fields(record) if f.name in names}
+    plain = {name: getattr(record, name) for name in _plain(message_type, type(record))}
     message = message_type(**{**plain, **special})
     for field, ms in times.items():
         if ms > 0:

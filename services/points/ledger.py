@@ -1,8 +1,9 @@
 """The points ledger store: Redis, one Lua script call per single-user operation.
 
 ``RedisLedger`` owns the key layout and the scripts (``lua/ledger.lua``) and implements
-``store.LedgerStore``: it parses the script's JSON (decimal strings, two-letter keys) into the typed
-records of ``store`` and raises domain errors. It knows nothing of gRPC.
+``store.LedgerStore``: it parses the script's JSON (short keys; numbers, or decimal strings in
+records written before docs/decisions/0011) into the typed records of ``store`` and raises domain
+errors. It knows nothing of gRPC.
 
 Key layout (Redis Cluster ready: everything of one user shares the hash tag ``{<user_id>}``):
   pts:{u}:acct              hash: token balance, used, held, qoints, exp, regen period, seq, ...
@@ -24,11 +25,13 @@ import contextlib
 import dataclasses
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from operator import attrgetter
 from pathlib import Path
 from typing import Any, Protocol, TypeVar, get_type_hints
 
@@ -50,7 +53,23 @@ from common.idempotency import request_id_reused
 from .economy import Economy
 from .store import Account, AccountResult, Hold, HoldResult, Transaction, TransactionPage, TransferResult
 
-SCRIPT = (Path(__file__).parent / "lua" / "ledger.lua").read_text()
+_LUA = Path(__file__).parent / "lua"
+SCRIPT = (_LUA / "ledger.lua").read_text()  # what every script starts with
+# The script of each group of operations: ledger.lua, then the group's file (see lua/ledger.lua).
+GROUPS = {name: SCRIPT + (_LUA / f"{name}.lua").read_text() for name in ("holds", "reads", "credits", "transfers")}
+# The names in the scripts that script_text replaces with the values of the settings.
+CONSTANTS = (
+    "PERIOD_MS", "REGEN_PERIODS", "TOKEN_OFFSET", "TOKEN_DIVISOR", "MAX_OPEN", "IDEM_TTL", "RETENTION", "MAX_BALANCE",
+)  # fmt: skip
+_CONSTANT = re.compile(rf"\b({'|'.join(CONSTANTS)})\b")
+# Each operation (ARGV[1]) and its group; each call is one span named "ledger <op>".
+OPS = {
+    "reserve": "holds", "capture": "holds", "release": "holds",
+    "account": "reads", "hold": "reads", "txs": "reads",
+    "credit": "credits", "set_tokens": "credits",
+    "xfer_out": "transfers", "xfer_in": "transfers", "xfer_done": "transfers", "xfer_revert": "transfers",
+    "xfer_record": "transfers",
+}  # fmt: skip
 PENDING_TRANSFERS = "pts:xfer:pending"
 # Drop a recovery-index entry only if nobody has touched it since the sweep read it. Each attempt
 # adds an entry of its own, so this matters only for entries in the older format ("<user>\n<id>"),
@@ -178,9 +197,13 @@ def parse_hold(d: Mapping[str, Any]) -> Hold:
     return _parse(Hold, d)
 
 
+_CREATED = attrgetter("create_ms")
+
+
 def parse_account(d: Mapping[str, Any]) -> Account:
-    holds = d.get("holds")  # an empty Lua table comes out as {}, not []
-    return _parse(Account, d, open_holds=tuple(map(parse_hold, holds)) if isinstance(holds, list) else ())
+    holds = d.get("holds")  # in replies stored before 0011, an empty Lua table came out as {}, not []
+    open_holds = tuple(sorted(map(parse_hold, holds), key=_CREATED)) if isinstance(holds, list) else ()
+    return _parse(Account, d, open_holds=open_holds)
 
 
 def parse_transaction(d: Mapping[str, Any]) -> Transaction:
@@ -218,6 +241,23 @@ def _report_abandoned(task: asyncio.Task[dict[str, Any]]) -> None:
         log.warning("a transfer whose caller went away ended in %s: %s", type(error).__name__, error)
 
 
+def script_text(settings: LedgerSettings, group: str) -> str:
+    """The script of a group of operations, its fixed parameters written in as constants: they reach
+    Redis once, in SCRIPT LOAD, instead of being sent and decoded on every call (docs/decisions/0011)."""
+    economy = settings.economy
+    constants = {
+        "PERIOD_MS": economy.regen_period_seconds * 1000,
+        "REGEN_PERIODS": economy.regen_periods,
+        "TOKEN_OFFSET": economy.token_offset,
+        "TOKEN_DIVISOR": economy.token_divisor,
+        "MAX_OPEN": settings.max_open_holds,
+        "IDEM_TTL": settings.idempotency_ttl_seconds,
+        "RETENTION": settings.retention_seconds,
+        "MAX_BALANCE": MAX_BALANCE,
+    }
+    return _CONSTANT.sub(lambda name: str(int(constants[name.group()])), GROUPS[group])
+
+
 class RedisLedger:
     def __init__(
         self, client: aioredis.Redis, settings: LedgerSettings | None = None, clock: Clock | None = None
@@ -225,60 +265,70 @@ class RedisLedger:
         self.redis = client
         self.settings = settings or LedgerSettings()
         self.clock = clock or SystemClock()
-        self._script = client.register_script(SCRIPT)
+        self._scripts = {group: client.register_script(script_text(self.settings, group)) for group in GROUPS}
         self._drop_if_stale = client.register_script(_DROP_IF_STALE)
-        economy = self.settings.economy
-        self._static_params = {  # the script's parameters that never change, built once
-            "period_ms": economy.regen_period_seconds * 1000,
-            "regen_periods": economy.regen_periods,
-            "token_offset": economy.token_offset,
-            "token_divisor": economy.token_divisor,
-            "max_open": self.settings.max_open_holds,
-            "idem_ttl": self.settings.idempotency_ttl_seconds,
-            "retention": self.settings.retention_seconds,
-            "max_balance": MAX_BALANCE,
-        }
         self._tracer = trace.get_tracer("stationthis.points.ledger")  # after telemetry.setup: no proxy
         connection = client.connection_pool.connection_kwargs
+        # Built once: each span gets its name and attributes as they are (docs/decisions/0008, 0011).
         self._span_attributes = {
             "db.system": "redis",
             "db.operation.name": "EVALSHA",
             "server.address": str(connection.get("host", connection.get("path", ""))),
         }
+        self._span_names = {op: f"ledger {op}" for op in OPS}
         self._finishing: set[asyncio.Task[dict[str, Any]]] = set()  # transfers past their debit
         # Test seam: awaited between the two sides of a transfer (a crash test makes it exit).
         self.after_transfer_debit: Callable[[], Awaitable[None]] | None = None
 
     # --- plumbing ---------------------------------------------------------------------------------
 
-    def _params(self, user_id: str) -> str:
-        return json.dumps({**self._static_params, "now": self.clock.now_ms(), "user": user_id, "pfx": prefix(user_id)})
+    def _args(self, op: str, user_id: str, request_id: str, fp: str, args: Sequence[str | int]) -> list[str | int]:
+        """The script's ARGV: op, now, user, request id, fingerprint, then the operation's own."""
+        return [op, self.clock.now_ms(), user_id, request_id, fp, *args]
 
     @staticmethod
-    def _keys(user_id: str, rpc: str, request_id: str) -> Sequence[str]:
-        """The script's KEYS: account, open holds, ledger and the request's idempotency key."""
+    def _keys(user_id: str, keys: Sequence[str]) -> list[str]:
+        """The script's KEYS: account, open holds and ledger, then the operation's own keys."""
         pfx = prefix(user_id)
-        idem = f"{pfx}:idem:{rpc}:{request_id}" if rpc else ""
-        return (f"{pfx}:acct", f"{pfx}:open", f"{pfx}:tx", idem)
+        return [f"{pfx}:acct", f"{pfx}:open", f"{pfx}:tx", *keys]
 
-    async def _run(self, user_id: str, request: dict[str, Any], rpc: str = "", request_id: str = "") -> Any:
+    async def _run(
+        self,
+        op: str,
+        user_id: str,
+        keys: Sequence[str] = (),
+        args: Sequence[str | int] = (),
+        request_id: str = "",
+        fp: str = "",
+    ) -> Any:
         """The script's answer, parsed from JSON (a dict); its refusals raised as domain errors."""
-        keys = self._keys(user_id, rpc, request_id)
-        raw = await self._eval(self._script, request["op"], keys, [self._params(user_id), json.dumps(request)])
+        raw = await self._eval(
+            self._scripts[OPS[op]], op, self._keys(user_id, keys), self._args(op, user_id, request_id, fp, args)
+        )
+        if raw[:1] != b"{":  # a mutation's reply comes after its fingerprint line (lua/ledger.lua)
+            raw = raw[raw.index(b"\n") + 1 :]
         result = json.loads(raw)
-        if isinstance(result, dict) and "error" in result:
+        if "error" in result:
             _raise(result)
         return result
 
-    async def _eval(self, script: Any, op: str, keys: Sequence[str], args: list[str]) -> Any:
-        """One script call, in one span named by ledger operation. The Redis instrumentation's own
-        span per command is suppressed here: it formats every argument (our JSON) on each call and
-        cost more CPU than the rest of a ledger mutation (docs/decisions/0008)."""
-        with self._tracer.start_as_current_span(
-            f"ledger {op}", kind=trace.SpanKind.CLIENT, attributes=self._span_attributes
-        ):
+    async def _eval(self, script: Any, op: str, keys: Sequence[str], args: Sequence[str | int]) -> Any:
+        """One script call, in one client span named by ledger operation. The span is started and
+        ended by hand (no context manager, not made current: nothing inside starts a span) with the
+        attributes built once. The Redis instrumentation's own span per command is suppressed: it
+        formats every argument on each call (docs/decisions/0008)."""
+        span = self._tracer.start_span(
+            self._span_names.get(op) or f"ledger {op}", kind=trace.SpanKind.CLIENT, attributes=self._span_attributes
+        )
+        try:
             with suppress_instrumentation():
                 return await self._unavailable_guard(script(keys=keys, args=args))
+        except BaseException as exc:
+            span.record_exception(exc)
+            span.set_status(trace.Status(trace.StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+            raise
+        finally:
+            span.end()
 
     async def _unavailable_guard(self, call: Awaitable[Any]) -> Any:
         try:
@@ -288,24 +338,29 @@ class RedisLedger:
                 "the points store did not answer; retry with the same request_id", reason="STORE_UNAVAILABLE"
             ) from exc
 
+    @staticmethod
+    def _idem(user_id: str, rpc: str, request_id: str) -> str:
+        return f"{prefix(user_id)}:idem:{rpc}:{request_id}"
+
+    @staticmethod
+    def _hold_key(user_id: str, hold_id: str) -> str:
+        return f"{prefix(user_id)}:hold:{hold_id}"
+
     # --- reads ------------------------------------------------------------------------------------
 
     async def account(self, user_id: str) -> Account:
-        return parse_account((await self._run(user_id, {"op": "read"}))["account"])
+        return parse_account((await self._run("account", user_id))["account"])
 
     async def hold(self, user_id: str, hold_id: str) -> Hold:
-        found = (await self._run(user_id, {"op": "read", "hold_id": hold_id})).get("hold")
+        found = (await self._run("hold", user_id, [self._hold_key(user_id, hold_id)], [hold_id])).get("hold")
         if not isinstance(found, dict) or found.get("user") != user_id:
             raise NotFound(f"no hold {hold_id} for this user", reason="HOLD_NOT_FOUND", metadata={"hold_id": hold_id})
         return parse_hold(found)
 
     async def transactions(self, user_id: str, page_size: int, before_seq: int | None) -> TransactionPage:
         """Newest first, ``page_size`` of them before ``before_seq`` (None: from the newest)."""
-        request: dict[str, Any] = {"op": "read", "page_size": page_size}
-        if before_seq is not None:
-            request["before"] = before_seq
-        result = await self._run(user_id, request)
-        rows = [parse_transaction(json.loads(row)) for row in result["txs"]]
+        result = await self._run("txs", user_id, (), [page_size, "" if before_seq is None else before_seq])
+        rows = [parse_transaction(row) for row in result["txs"]]
         more = len(rows) > page_size
         rows = rows[:page_size]
         return TransactionPage(rows, rows[-1].seq if more else None)
@@ -315,27 +370,24 @@ class RedisLedger:
     async def reserve(
         self, user_id: str, request_id: str, fp: str, *, run_id: str, estimate: int, ttl_ms: int
     ) -> HoldResult:
-        request = {
-            "op": "reserve", "request_id": request_id, "fp": fp, "hold_id": uuid.uuid4().hex,
-            "run_id": run_id, "estimate": estimate, "ttl_ms": ttl_ms,
-        }  # fmt: skip
-        return _hold_result(await self._run(user_id, request, "ReserveHold", request_id))
+        hold_id = uuid.uuid4().hex
+        keys = [self._idem(user_id, "ReserveHold", request_id), self._hold_key(user_id, hold_id)]
+        result = await self._run("reserve", user_id, keys, [hold_id, run_id, estimate, ttl_ms], request_id, fp)
+        return _hold_result(result)
 
     async def capture(self, user_id: str, request_id: str, fp: str, *, hold_id: str, cost: int) -> HoldResult:
-        request = {"op": "capture", "request_id": request_id, "fp": fp, "hold_id": hold_id, "cost": cost}
-        return _hold_result(await self._run(user_id, request, "CaptureHold", request_id))
+        keys = [self._idem(user_id, "CaptureHold", request_id), self._hold_key(user_id, hold_id)]
+        return _hold_result(await self._run("capture", user_id, keys, [hold_id, cost], request_id, fp))
 
     async def release(
         self, user_id: str, request_id: str, fp: str, *, hold_id: str, reason: str, memo: str
     ) -> HoldResult:
-        request = {
-            "op": "release", "request_id": request_id, "fp": fp, "hold_id": hold_id, "reason": reason, "memo": memo,
-        }  # fmt: skip
-        return _hold_result(await self._run(user_id, request, "ReleaseHold", request_id))
+        keys = [self._idem(user_id, "ReleaseHold", request_id), self._hold_key(user_id, hold_id)]
+        return _hold_result(await self._run("release", user_id, keys, [hold_id, reason, memo], request_id, fp))
 
     async def set_token_balance(self, user_id: str, request_id: str, fp: str, *, token_balance: int) -> AccountResult:
-        request = {"op": "set_tokens", "request_id": request_id, "fp": fp, "token_balance": token_balance}
-        return _account_result(await self._run(user_id, request, "SetTokenBalance", request_id))
+        keys = [self._idem(user_id, "SetTokenBalance", request_id)]
+        return _account_result(await self._run("set_tokens", user_id, keys, [token_balance], request_id, fp))
 
     async def credit(
         self, user_id: str, request_id: str, fp: str, *, qoints: int, reference: str, source: str, memo: str
@@ -346,14 +398,12 @@ class RedisLedger:
         once without writing), so a refused request binds nothing. Between the two steps a crash, or
         a concurrent request that changes the user's account, can leave a claim without its credit:
         the reference then stays bound to this user, and a retry completes the credit."""
-        request = {
-            "op": "credit", "request_id": request_id, "fp": fp, "qoints": qoints, "ref": reference,
-            "source": source, "memo": memo,
-        }  # fmt: skip
+        keys = [self._idem(user_id, "CreditQoints", request_id), f"{prefix(user_id)}:extref:{reference}"]
+        args: list[str | int] = [qoints, reference, source, memo]
         claim = f"pts:extref:{{{reference}}}"
         owner = await self._unavailable_guard(self.redis.get(claim))
         if owner is None:
-            checked = await self._run(user_id, {**request, "check_only": True}, "CreditQoints", request_id)
+            checked = await self._run("credit", user_id, keys, [*args, "1"], request_id, fp)
             if "checked" not in checked:
                 return _account_result(checked)  # the remembered answer to this request_id
             if not await self._unavailable_guard(self.redis.set(claim, user_id, nx=True)):
@@ -368,7 +418,7 @@ class RedisLedger:
                 reason="DUPLICATE_EXTERNAL_REFERENCE",
                 metadata=metadata,
             )
-        return _account_result(await self._run(user_id, request, "CreditQoints", request_id))
+        return _account_result(await self._run("credit", user_id, keys, [*args, ""], request_id, fp))
 
     # --- transfers (two users, two slots) ---------------------------------------------------------
 
@@ -384,12 +434,9 @@ class RedisLedger:
         xfer_id = uuid.uuid5(_TRANSFER_NS, f"{from_user}\n{request_id}").hex
         member = f"{from_user}\n{xfer_id}\n{uuid.uuid4().hex}"
         await self._unavailable_guard(self.redis.zadd(PENDING_TRANSFERS, {member: self.clock.now_ms()}))
-        request = {
-            "op": "xfer_out", "request_id": request_id, "fp": fp, "xfer_id": xfer_id, "to": to_user,
-            "qoints": qoints, "memo": memo,
-        }  # fmt: skip
+        keys = [self._idem(from_user, "TransferQoints", request_id), self._transfer_key(from_user, xfer_id)]
         try:
-            started = await self._run(from_user, request, "TransferQoints", request_id)
+            started = await self._run("xfer_out", from_user, keys, [xfer_id, to_user, qoints, memo], request_id, fp)
         except Unavailable:
             raise  # the debit may have happened: the entry stays for the sweep
         except DomainError:
@@ -425,37 +472,38 @@ class RedisLedger:
         if self._finishing:
             await asyncio.wait(set(self._finishing), timeout=DRAIN_SECONDS)
 
+    @staticmethod
+    def _transfer_key(from_user: str, xfer_id: str) -> str:
+        return f"{prefix(from_user)}:xfer:{xfer_id}"
+
     async def _unindex(self, member: str) -> None:
         """Remove an attempt's index entry; if Redis does not answer, the sweep drops it later."""
         with contextlib.suppress(Unavailable):
             await self._unavailable_guard(self.redis.zrem(PENDING_TRANSFERS, member))
 
     async def _finish_transfer(self, record: dict[str, Any], member: str) -> dict[str, Any]:
-        from_user, xfer_id = record["from"], record["xfer_id"]
+        from_user, to_user, xfer_id = record["from"], record["to"], record["xfer_id"]
+        request_id, record_key = record["request_id"], self._transfer_key(from_user, xfer_id)
         try:
             incoming = await self._run(
-                record["to"],
-                {"op": "xfer_in", "xfer_id": xfer_id, "from": from_user, "qoints": int(record["qoints"]),
-                 "memo": record["memo"], "request_id": record["request_id"]},
+                "xfer_in", to_user, [f"{prefix(to_user)}:xfer_in:{xfer_id}"],
+                [xfer_id, from_user, int(record["qoints"]), record["memo"]], request_id,
             )  # fmt: skip
         except FailedPrecondition:
             # The receiver cannot take them (balance limit): give them back to the sender, once.
-            await self._run(from_user, {"op": "xfer_revert", "xfer_id": xfer_id})
+            await self._run("xfer_revert", from_user, [record_key], [xfer_id])
             await self._unindex(member)
             raise
         sender = record.get("account")
         if sender is None:
-            sender = (await self._run(from_user, {"op": "read"}))["account"]
+            sender = (await self._run("account", from_user))["account"]
         result = {
             "from_account": sender, "to_account": incoming["account"],
             "out_tx": record["out_tx"], "in_tx": incoming["tx"],
         }  # fmt: skip
         final: dict[str, Any] = await self._run(
-            from_user,
-            {"op": "xfer_done", "xfer_id": xfer_id, "request_id": record["request_id"], "fp": record["fp"],
-             "result": json.dumps(result)},
-            "TransferQoints",
-            record["request_id"],
+            "xfer_done", from_user, [self._idem(from_user, "TransferQoints", request_id), record_key],
+            [xfer_id, json.dumps(result)], request_id, record["fp"],
         )  # fmt: skip
         await self._unindex(member)
         return final
@@ -472,7 +520,8 @@ class RedisLedger:
         for raw, score in entries:
             member = raw.decode()
             from_user, xfer_id = member.split("\n")[:2]
-            record = (await self._run(from_user, {"op": "xfer_record", "xfer_id": xfer_id})).get("record")
+            found = await self._run("xfer_record", from_user, [self._transfer_key(from_user, xfer_id)], [xfer_id])
+            record = found.get("record")
             if record is None and score > now - _UNSTARTED_KEEP_MS:
                 continue
             if record is None or record["state"] in ("DONE", "REVERTED"):

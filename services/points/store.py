@@ -113,9 +113,10 @@ class TransactionPage:
 
 
 class LedgerStore(Protocol):
-    """Every mutation takes the request's ``request_id`` and ``fp`` (its fingerprint): a repeat
-    returns the first result, other parameters under the same id are REQUEST_ID_REUSED. Errors are
-    ``common.errors`` domain errors; a refused request writes nothing."""
+    """Every mutation takes the request's ``request_id`` and ``fp`` (its fingerprint, a hex digest:
+    ``common.idempotency.fingerprint``): a repeat returns the first result, other parameters under
+    the same id are REQUEST_ID_REUSED. Errors are ``common.errors`` domain errors; a refused request
+    writes nothing."""
 
     async def account(self, user_id: str) -> Account: ...
 
