@@ -20,6 +20,7 @@ RUN mkdir -p gen \
     && python -m grpc_tools.protoc -Iprotos \
         -I"$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" \
         --python_out=gen --pyi_out=gen --grpc_python_out=gen \
+        --descriptor_set_out=gen/descriptors.binpb --include_source_info --include_imports \
         $(find protos -name '*.proto')
 
 COPY common ./common

@@ -26,7 +26,8 @@ protos: $(GEN_STAMP)
 $(GEN_STAMP): $(STAMP) $(PROTOS)
 	rm -rf $(GEN) && mkdir -p $(GEN)
 	$(PY) -m grpc_tools.protoc -Iprotos -I"$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" \
-		--python_out=$(GEN) --pyi_out=$(GEN) --grpc_python_out=$(GEN) $(PROTOS)
+		--python_out=$(GEN) --pyi_out=$(GEN) --grpc_python_out=$(GEN) \
+		--descriptor_set_out=$(GEN)/descriptors.binpb --include_source_info --include_imports $(PROTOS)
 	@touch $@
 
 run: protos

@@ -1,75 +1,336 @@
-"""The gateway's ASGI application: authenticate, transcode, call gRPC, answer JSON (or SSE).
+"""The gateway's ASGI application: authenticate, limit, transcode, call gRPC, answer JSON (or SSE).
 
-Every route comes from the contracts (``routes.build_routes``). Callers authenticate with an API key
-(``Authorization: Bearer <key>`` or ``X-API-Key``), compared in constant time. The ComfyUI Deploy
-webhook route is the one exception: ComfyUI Deploy cannot send our key, so that route carries its
-own per-run token, which the ComfyUI service verifies. Server-streaming RPCs are served as
-Server-Sent Events, each event ``{"result": ...}`` or, last, ``{"error": ...}``.
+Every API route comes from the contracts (``routes.build_routes``); a few belong to the gateway
+itself: ``/healthz``, ``/readyz``, ``/openapi.json``, ``/docs``, ``POST /v1/uploads`` (UploadFile,
+which no annotation can describe) and ``GET /v1/workflows/{workflow_id}/inputs.schema.json``.
+
+Callers authenticate with an API key (``Authorization: Bearer <key>`` or ``X-API-Key``), compared in
+constant time; each key belongs to a named adapter, and the adapter's name (never the key) is what
+logs, traces and the rate limit see. The ComfyUI Deploy webhook route takes no key (upstream cannot
+send one): it must carry the per-run ``token`` the ComfyUI service checks, and has a budget of its
+own. Unknown paths (404) and methods (405) are answered before the key is looked at, so they answer
+the same with and without one.
+
+Each request: one SERVER span (continuing a ``traceparent`` if the caller sent one) whose context is
+written straight into the gRPC call's metadata, so the service's span is its child; an
+``X-Request-Id`` (the caller's when it is valid, else a new one) logged, passed to the service as
+metadata and returned, with the trace id (``X-Trace-Id`` and W3C ``traceresponse``); one access log
+line (never the query string: it may carry a webhook token).
+
+This is a bare ASGI callable rather than a Starlette app, and it records its span itself rather
+than through the OpenTelemetry ASGI middleware: measured under load those layers cost more CPU than
+the gRPC call they front (docs/decisions/0012).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
-import json
 import logging
+import random
+import re
 import time
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable, MutableMapping, Sequence
+from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl
 
 import grpc
+import openapi_ui_bundles.swagger_ui as swagger_ui
 from google.rpc import status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
-from starlette.applications import Starlette
-from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import Route as StarletteRoute
+from opentelemetry import context as otel_context
+from opentelemetry import metrics, propagate, trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
 
+from common import redis_client
 from common.channels import TracedChannel, open_channel
 from common.errors import internal_status
 from stationthis.comfyui.v1 import comfyui_service_pb2
 from stationthis.points.v1 import points_service_pb2
 from stationthis.workflows.v1 import workflows_service_pb2
 
-from . import transcode
+from . import inputs_schema, jsonmap, openapi, transcode, uploads
 from .config import GatewayConfig
-from .routes import Route, build_routes
+from .ratelimit import Budget, RateLimiter, retry_after
+from .routes import Route, Router, build_routes
 
 log = logging.getLogger("stationthis.gateway")
+_tracer = trace.get_tracer("stationthis.gateway")
+_meter = metrics.get_meter("stationthis.gateway")
+_durations = _meter.create_histogram(
+    "http.server.request.duration", unit="s", description="HTTP requests served, by route and status"
+)
 
 SERVICES = (
     (points_service_pb2, "PointsService"),
     (workflows_service_pb2, "WorkflowsService"),
     (comfyui_service_pb2, "ComfyUIService"),
 )
+WEBHOOK_METHOD = "/stationthis.comfyui.v1.ComfyUIService/HandleWebhook"
 # Methods reachable without an API key; they authenticate themselves (see module docstring).
-PUBLIC_METHODS = frozenset({"/stationthis.comfyui.v1.ComfyUIService/HandleWebhook"})
+PUBLIC_METHODS = frozenset({WEBHOOK_METHOD})
 # Upstream may add fields to its callbacks at any time; those are ignored rather than refused.
 LENIENT_METHODS = PUBLIC_METHODS
+WEBHOOK_ADAPTER = "comfydeploy-webhook"
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:@+=/-]{1,128}")
+INPUTS_SCHEMA = re.compile(r"/v1/workflows/([^/:]+)/inputs\.schema\.json")
+DOCS_ASSETS = (
+    "swagger-ui.css",
+    "index.css",
+    "swagger-ui-bundle.js",
+    "swagger-ui-standalone-preset.js",
+    "favicon-32x32.png",
+    "favicon-16x16.png",
+)
+READY_CACHE_SECONDS = 0.5
+
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+_JSON = b"application/json"
+_GRPC_TIMEOUT_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
 
 
-def _error(
-    status: status_pb2.Status, http_status: int | None = None, headers: dict[str, str] | None = None
-) -> JSONResponse:
-    """The one error shape; ``http_status`` when HTTP says more than the gRPC code (405, 413)."""
-    body = transcode.error_body(status)
-    if http_status is not None:
-        body["error"]["code"] = http_status
-    return JSONResponse(body, status_code=body["error"]["code"], headers=headers)
+class Refused(Exception):
+    """An answer in the error shape, raised from anywhere in a request's handling."""
+
+    def __init__(
+        self, status: status_pb2.Status, http_status: int | None = None, headers: Sequence[tuple[bytes, bytes]] = ()
+    ) -> None:
+        super().__init__(status.message)
+        self.status = status
+        self.http_status = http_status
+        self.headers = list(headers)
+
+
+def refusal(
+    code: grpc.StatusCode,
+    message: str,
+    reason: str,
+    http_status: int | None = None,
+    headers: Sequence[tuple[bytes, bytes]] = (),
+) -> Refused:
+    return Refused(transcode.simple_status(code, message, reason), http_status, headers)
+
+
+class Exchange:
+    """One request as the gateway handles it: what it read of it, and what it will answer."""
+
+    __slots__ = (
+        "adapter",
+        "body_done",
+        "close",
+        "headers",
+        "method",
+        "path",
+        "receive",
+        "request_id",
+        "route",
+        "scope",
+        "send",
+        "span",
+        "started",
+        "status",
+    )
+
+    def __init__(self, scope: Scope, receive: Receive, send: Send, headers: dict[bytes, bytes]) -> None:
+        self.scope = scope
+        self.receive = receive
+        self.send = send
+        self.headers = headers
+        self.method: str = scope["method"]
+        self.path: str = scope["path"]
+        self.adapter = ""
+        self.route = ""  # the route template, for logs, spans and metrics
+        self.request_id = ""
+        self.status = 0
+        self.started = False
+        self.close = False  # answer with Connection: close (a body was left unread)
+        self.body_done = False  # the whole body was read
+        self.span: trace.Span = trace.INVALID_SPAN
+
+    def header(self, name: bytes) -> str | None:
+        value = self.headers.get(name)
+        return None if value is None else value.decode("latin-1")
+
+    def query(self) -> list[tuple[str, str]]:
+        raw = self.scope.get("query_string", b"")
+        return parse_qsl(raw.decode("latin-1"), keep_blank_values=True) if raw else []
+
+    def response_headers(self, content_type: bytes, length: int | None) -> list[tuple[bytes, bytes]]:
+        headers = [(b"content-type", content_type)]
+        if length is not None:
+            headers.append((b"content-length", str(length).encode()))
+        headers.append((b"x-request-id", self.request_id.encode()))
+        span_context = self.span.get_span_context()
+        if span_context.is_valid:
+            trace_id = f"{span_context.trace_id:032x}"
+            headers.append((b"x-trace-id", trace_id.encode()))
+            traceresponse = f"00-{trace_id}-{span_context.span_id:016x}-{span_context.trace_flags:02x}"
+            headers.append((b"traceresponse", traceresponse.encode()))
+        if self.close:
+            headers.append((b"connection", b"close"))
+        return headers
+
+    async def answer(
+        self, status: int, body: bytes, content_type: bytes = _JSON, extra: Sequence[tuple[bytes, bytes]] = ()
+    ) -> None:
+        self.status = status
+        headers = self.response_headers(content_type, len(body))
+        headers.extend(extra)
+        self.started = True
+        await self.send({"type": "http.response.start", "status": status, "headers": headers})
+        await self.send({"type": "http.response.body", "body": body})
+
+    async def error(self, refused: Refused) -> None:
+        if not self.body_done and (
+            self.headers.get(b"content-length", b"0") != b"0" or b"transfer-encoding" in self.headers
+        ):
+            self.close = True  # refused before its body was read (401, 429, 404...): the rest is not read
+        body = transcode.error_body(refused.status)
+        if refused.http_status is not None:
+            body["error"]["code"] = refused.http_status
+        await self.answer(body["error"]["code"], jsonmap.dumps(body), extra=refused.headers)
+
+    def metadata(self) -> list[tuple[str, str]]:
+        """What every call to a service carries: the trace context and the request id."""
+        metadata = [("x-request-id", self.request_id)]
+        span_context = self.span.get_span_context()
+        if span_context.is_valid:
+            metadata.append(
+                (
+                    "traceparent",
+                    f"00-{span_context.trace_id:032x}-{span_context.span_id:016x}-{span_context.trace_flags:02x}",
+                )
+            )
+            if span_context.trace_state:
+                metadata.append(("tracestate", span_context.trace_state.to_header()))
+        baggage = self.headers.get(b"baggage")
+        if baggage:
+            metadata.append(("baggage", baggage.decode("latin-1")))
+        return metadata
+
+    async def read_body(self, limit: int, seconds: float) -> bytes:
+        """The whole body; 413 as soon as it is larger than ``limit`` (checked before and while
+        reading), 408 if it takes longer than ``seconds``. Either leaves the rest unread and closes."""
+        declared = self.headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            self.close = True
+            raise too_large(limit)
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            async with asyncio.timeout(seconds):
+                while True:
+                    message = await self.receive()
+                    if message["type"] == "http.disconnect":
+                        raise refusal(grpc.StatusCode.CANCELLED, "the client went away", "CLIENT_CLOSED_REQUEST")
+                    chunk = message.get("body", b"")
+                    size += len(chunk)
+                    if size > limit:
+                        self.close = True
+                        raise too_large(limit)
+                    chunks.append(chunk)
+                    if not message.get("more_body", False):
+                        self.body_done = True
+                        return b"".join(chunks)
+        except TimeoutError:
+            self.close = True
+            raise refusal(
+                grpc.StatusCode.DEADLINE_EXCEEDED, "the request body did not arrive in time", "REQUEST_TIMEOUT", 408
+            ) from None
+
+
+def new_request_id() -> str:
+    """32 hex digits. Not a secret, so not from the OS's entropy (a system call per request)."""
+    return f"{random.getrandbits(128):032x}"
+
+
+def too_large(limit: int) -> Refused:
+    return refusal(
+        grpc.StatusCode.INVALID_ARGUMENT, f"request body too large (at most {limit} bytes)", "BODY_TOO_LARGE", 413
+    )
+
+
+CORE_WRITE_ERROR = "Internal error from Core"
+
+
+def _status_of(exc: grpc.aio.AioRpcError) -> status_pb2.Status:
+    try:
+        rich = rpc_status.from_call(exc)  # type: ignore[arg-type]
+    except ValueError:  # a rich status that contradicts the call's own code
+        rich = None
+        if exc.code() == grpc.StatusCode.INTERNAL and exc.details() == CORE_WRITE_ERROR:
+            # grpc.aio turns a client-streaming call into INTERNAL when a write races the service's
+            # answer (the service refused the upload while its bytes were still being sent); the
+            # service's own status is in the trailers, and it is the answer.
+            rich = _trailer_status(exc)
+        if rich is None:
+            log.warning("inconsistent rich status from %s", exc.code().name, exc_info=True)
+    if rich is not None:
+        return rich
+    return status_pb2.Status(code=exc.code().value[0], message=exc.details() or exc.code().name)
+
+
+def _trailer_status(exc: grpc.aio.AioRpcError) -> status_pb2.Status | None:
+    for key, value in exc.trailing_metadata() or ():
+        if key == "grpc-status-details-bin" and isinstance(value, bytes):
+            try:
+                return status_pb2.Status.FromString(value)
+            except Exception:
+                return None
+    return None
+
+
+def _event(name: str, data: Any) -> bytes:
+    return b"event: " + name.encode() + b"\ndata: " + jsonmap.dumps(data) + b"\n\n"
+
+
+def _docs_page() -> bytes:
+    page = (Path(swagger_ui.static_path) / "index.html").read_text()
+    page = (
+        page.replace('href="./', 'href="/docs/')
+        .replace('src="./', 'src="/docs/')
+        .replace('href="index.css"', 'href="/docs/index.css"')
+    )
+    page = page.replace("https://petstore.swagger.io/v2/swagger.json", "/openapi.json")
+    page = page.replace("<title>Swagger UI</title>", "<title>StationThis API</title>")
+    return page.encode()
 
 
 class Gateway:
+    """The ASGI application (``await gateway(scope, receive, send)``)."""
+
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
         self.routes = build_routes(SERVICES)
+        self.router = Router(self.routes)
+        self.by_method = {route.full_method: route for route in self.routes}
         self.addresses = {
             "stationthis.points.v1.PointsService": config.points_service_addr,
             "stationthis.workflows.v1.WorkflowsService": config.workflows_service_addr,
             "stationthis.comfyui.v1.ComfyUIService": config.comfyui_service_addr,
         }
-        self._keys = [key.encode() for key in config.api_keys]
+        self._keys = [(key.encode(), key.adapter) for key in config.api_keys]
+        self.budgets = {
+            "GET": (Budget("all", config.rate_limit, config.rate_burst),),
+            "POST": (
+                Budget("all", config.rate_limit, config.rate_burst),
+                Budget("mutations", config.mutation_rate_limit, config.mutation_rate_burst),
+            ),
+        }
+        self.webhook_budget = Budget("webhook", config.webhook_rate_limit, config.webhook_rate_burst)
         self.channels: dict[str, TracedChannel] = {}
+        self.calls: dict[str, Any] = {}  # full method -> grpc.aio multicallable, made once
+        self.limiter: RateLimiter | None = None
+        self._ready: tuple[float, bool, dict[str, str]] = (0.0, False, {})
+        # Built at start-up from the same descriptors as the routes.
+        self.openapi = openapi.build(self.routes, extra=openapi.gateway_operations(config))
+        self.openapi_json = jsonmap.dumps(self.openapi)
+        self.docs_page = _docs_page()
+        self.state = self  # where tests and tools find the gateway from the ASGI app (it is the app)
 
     # --- lifecycle -------------------------------------------------------------------------------
 
@@ -79,150 +340,343 @@ class Gateway:
             if address not in by_address:
                 by_address[address] = open_channel(address, self.config.rpc_timeout_seconds)
             self.channels[service] = by_address[address]
+        for route in self.routes:
+            raw = self.channels[route.service].channel  # the span is the gateway's own: no client wrapper
+            make = raw.unary_stream if route.server_streaming else raw.unary_unary
+            self.calls[route.full_method] = make(
+                route.full_method,
+                request_serializer=route.input_type.SerializeToString,
+                response_deserializer=route.output_type.FromString,
+            )
+        comfyui = self.channels["stationthis.comfyui.v1.ComfyUIService"].channel
+        self.calls[uploads.METHOD] = comfyui.stream_unary(
+            uploads.METHOD,
+            request_serializer=comfyui_service_pb2.UploadFileRequest.SerializeToString,
+            response_deserializer=comfyui_service_pb2.UploadFileResponse.FromString,
+        )
+        self.limiter = RateLimiter(redis_client.connect(self.config.redis_url, timeout=0.5))
 
     async def close(self) -> None:
         for channel in set(self.channels.values()):
             await channel.close()
+        if self.limiter is not None:
+            await self.limiter.close()
 
-    # --- auth --------------------------------------------------------------------------------------
+    # --- ASGI ------------------------------------------------------------------------------------
 
-    def authenticated(self, request: Request) -> bool:
-        header = request.headers.get("authorization", "")
-        given = header[7:].strip() if header[:7].lower() == "bearer " else request.headers.get("x-api-key", "")
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            await self.http(scope, receive, send)
+        elif scope["type"] == "lifespan":
+            await self.lifespan(receive, send)
+
+    async def lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self.open()
+                except Exception as exc:
+                    log.exception("the gateway could not start")
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.close()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        start = time.perf_counter()
+        exchange = Exchange(scope, receive, send, dict(scope["headers"]))
+        path = exchange.path
+        if path in ("/healthz", "/readyz", "/openapi.json") or path.startswith("/docs"):
+            try:
+                await self.operational(exchange)  # untraced and unlogged: probes and documentation
+            except Exception:
+                log.exception("unexpected error answering %s %s", exchange.method, path)
+                if not exchange.started:
+                    await exchange.error(Refused(internal_status(transcode.DOMAIN)))
+            return
+        given = exchange.headers.get(b"x-request-id")
+        exchange.request_id = (
+            given.decode() if given is not None and REQUEST_ID.fullmatch(given.decode("latin-1")) else new_request_id()
+        )
+        parent = None
+        if b"traceparent" in exchange.headers:
+            parent = propagate.extract(
+                {
+                    "traceparent": exchange.header(b"traceparent") or "",
+                    "tracestate": exchange.header(b"tracestate") or "",
+                }
+            )
+        exchange.span = span = _tracer.start_span(
+            exchange.method,
+            context=parent,
+            kind=SpanKind.SERVER,
+            attributes={
+                "http.request.method": exchange.method,
+                "url.path": path,
+                "http.request.header.x_request_id": exchange.request_id,
+            },
+        )
+        token = otel_context.attach(trace.set_span_in_context(span))
+        try:
+            try:
+                await self.dispatch(exchange)
+            except Refused as refused:
+                if not exchange.started:
+                    await exchange.error(refused)
+            except Exception:
+                # Last resort: whatever went wrong is logged, and the client gets the one error shape.
+                log.exception(
+                    "unexpected error answering %s %s", exchange.method, path, extra={"request_id": exchange.request_id}
+                )
+                if not exchange.started:
+                    await exchange.error(Refused(internal_status(transcode.DOMAIN)))
+            status = exchange.status
+            if exchange.route:
+                span.update_name(f"{exchange.method} {exchange.route}")
+                span.set_attribute("http.route", exchange.route)
+            span.set_attribute("http.response.status_code", status)
+            if exchange.adapter:
+                span.set_attribute("stationthis.adapter", exchange.adapter)
+            if status >= 500:
+                span.set_status(Status(StatusCode.ERROR))
+            seconds = time.perf_counter() - start
+            _durations.record(seconds, _attributes(exchange.method, exchange.route, status))
+            if log.isEnabledFor(logging.INFO):
+                log.info(
+                    "%s %s %d",
+                    exchange.method,
+                    path,
+                    status,
+                    extra={
+                        "http_method": exchange.method,
+                        "path": path,  # never the query: it may carry a webhook token
+                        "route": exchange.route,
+                        "status": status,
+                        "adapter": exchange.adapter,
+                        "request_id": exchange.request_id,
+                        "duration_ms": round(seconds * 1000, 3),
+                    },
+                )
+        finally:
+            otel_context.detach(token)
+            span.end()
+
+    # --- routing ---------------------------------------------------------------------------------
+
+    async def dispatch(self, exchange: Exchange) -> None:
+        method, path = exchange.method, exchange.path
+        if path == uploads.PATH:
+            exchange.route = uploads.PATH
+            if method != "POST":
+                raise self.not_allowed(method, ["POST"])
+            await self.authorize(exchange, "POST")
+            await uploads.handle(self, exchange)
+            return
+        schema_of = INPUTS_SCHEMA.fullmatch(path)
+        if schema_of is not None:
+            exchange.route = "/v1/workflows/{workflow_id}/inputs.schema.json"
+            if method != "GET":
+                raise self.not_allowed(method, ["GET"])
+            await self.authorize(exchange, "GET")
+            await self.inputs_schema(exchange, schema_of.group(1))
+            return
+        route, params, allowed = self.router.find(method, path)
+        if route is None:
+            if allowed:
+                raise self.not_allowed(method, allowed)
+            raise refusal(grpc.StatusCode.NOT_FOUND, "no such route", "ROUTE_NOT_FOUND")
+        exchange.route = route.template
+        if route.full_method in PUBLIC_METHODS:
+            await self.authorize_webhook(exchange)
+        else:
+            await self.authorize(exchange, route.http_method)
+        await self.unary_or_stream(exchange, route, params)
+
+    @staticmethod
+    def not_allowed(method: str, allowed: list[str]) -> Refused:
+        return refusal(
+            grpc.StatusCode.UNIMPLEMENTED,
+            f"{method} is not allowed here",
+            "METHOD_NOT_ALLOWED",
+            405,
+            [(b"allow", ", ".join(sorted(set(allowed))).encode())],
+        )
+
+    # --- who may call, and how much --------------------------------------------------------------
+
+    def adapter_of(self, headers: dict[bytes, bytes]) -> str | None:
+        """The adapter whose key the request carries, or None."""
+        header = headers.get(b"authorization", b"")
+        given = header[7:].strip() if header[:7].lower() == b"bearer " else headers.get(b"x-api-key", b"")
         if not given:
-            return False
-        candidate = given.encode()
-        matched = False
-        for key in self._keys:  # compare with every key, in constant time each
-            matched |= hmac.compare_digest(candidate, key)
-        return matched
+            return None
+        found = None
+        for key, adapter in self._keys:  # compare with every key, in constant time each
+            if hmac.compare_digest(given, key):
+                found = adapter
+        return found
 
-    # --- dispatch ----------------------------------------------------------------------------------
+    async def authorize(self, exchange: Exchange, http_method: str) -> None:
+        adapter = self.adapter_of(exchange.headers)
+        if adapter is None:
+            raise refusal(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid API key", "API_KEY_INVALID")
+        exchange.adapter = adapter
+        for budget in self.budgets.get(http_method, self.budgets["POST"]):
+            await self.limit(adapter, budget)
 
-    def find(self, method: str, path: str) -> tuple[Route | None, dict[str, str], list[str]]:
-        """The route for ``method path`` and its path values; else the methods the path allows."""
-        allowed: list[str] = []
-        for route in self.routes:
-            params = route.match(path)
-            if params is None:
-                continue
-            if route.http_method == method:
-                return route, params, [method]
-            allowed.append(route.http_method)
-        return None, {}, allowed
+    async def authorize_webhook(self, exchange: Exchange) -> None:
+        exchange.adapter = WEBHOOK_ADAPTER
+        if not any(name == "token" and value for name, value in exchange.query()):
+            raise refusal(
+                grpc.StatusCode.UNAUTHENTICATED, "the webhook URL's token is missing", "WEBHOOK_TOKEN_MISSING"
+            )
+        await self.limit(WEBHOOK_ADAPTER, self.webhook_budget)
 
-    def _timeout(self, request: Request) -> float:
+    async def limit(self, adapter: str, budget: Budget) -> None:
+        assert self.limiter is not None
+        wait = await self.limiter.take(adapter, budget)
+        if wait > 0:
+            after = retry_after(wait)
+            raise refusal(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"rate limit of adapter {adapter} exceeded ({budget.name}: {budget.rate:g}/s, burst "
+                f"{budget.burst}); retry after {after} s",
+                "RATE_LIMITED",
+                429,
+                [(b"retry-after", after.encode())],
+            )
+
+    # --- calling the services --------------------------------------------------------------------
+
+    def timeout(self, exchange: Exchange) -> float:
         timeout = self.config.rpc_timeout_seconds
-        header = request.headers.get("grpc-timeout")
+        header = exchange.header(b"grpc-timeout")
         if header and header[:-1].isdigit():
-            unit = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}.get(header[-1])
+            unit = _GRPC_TIMEOUT_UNITS.get(header[-1])
             if unit:
                 timeout = min(timeout, int(header[:-1]) * unit)
         return timeout
 
-    async def handle(self, request: Request) -> Response:
-        start = time.perf_counter()
-        try:
-            response = await self._handle(request)
-        except ClientDisconnect:
-            status = transcode.simple_status(grpc.StatusCode.CANCELLED, "the client went away", "CLIENT_CLOSED_REQUEST")
-            response = _error(status)
-        except Exception:
-            # Last resort: whatever went wrong is logged, and the client gets the one error shape.
-            log.exception("unexpected error answering %s %s", request.method, request.url.path)
-            response = _error(internal_status(transcode.DOMAIN))
-        log.info(
-            "%s %s %d",
-            request.method,
-            request.url.path,
-            response.status_code,
-            extra={
-                "http_method": request.method,
-                "path": request.url.path,  # never the query: it may carry a webhook token
-                "status": response.status_code,
-                "duration_ms": round((time.perf_counter() - start) * 1000, 3),
-            },
-        )
-        return response
+    async def read_json_body(self, exchange: Exchange, route: Route) -> bytes:
+        if (
+            not route.body
+            and b"content-length" not in exchange.headers
+            and b"transfer-encoding" not in exchange.headers
+        ):
+            return b""
+        return await exchange.read_body(self.config.max_body_bytes, self.config.body_timeout_seconds)
 
-    async def _handle(self, request: Request) -> Response:
-        route, params, allowed = self.find(request.method, request.url.path)
-        if route is None:
-            if allowed:
-                status = transcode.simple_status(
-                    grpc.StatusCode.UNIMPLEMENTED, f"{request.method} is not allowed here", "METHOD_NOT_ALLOWED"
-                )
-                return _error(status, 405, {"Allow": ", ".join(sorted(set(allowed)))})
-            return _error(transcode.simple_status(grpc.StatusCode.NOT_FOUND, "no such route", "ROUTE_NOT_FOUND"))
-        if route.full_method not in PUBLIC_METHODS and not self.authenticated(request):
-            return _error(
-                transcode.simple_status(
-                    grpc.StatusCode.UNAUTHENTICATED, "missing or invalid API key", "API_KEY_INVALID"
-                )
-            )
-        body = await self._read_body(request)
-        if body is None:
-            status = transcode.simple_status(
-                grpc.StatusCode.INVALID_ARGUMENT, "request body too large", "BODY_TOO_LARGE"
-            )
-            return _error(status, 413)
+    def request_for(self, exchange: Exchange, route: Route, params: dict[str, str], body: bytes) -> Any:
         try:
-            message = transcode.build_request(
+            return transcode.build_request(
                 route,
                 params,
-                list(request.query_params.multi_items()),
+                exchange.query(),
                 body,
-                request.headers.get("idempotency-key"),
+                exchange.header(b"idempotency-key"),
                 ignore_unknown_fields=route.full_method in LENIENT_METHODS,
             )
         except transcode.BadRequest as exc:
-            return _error(transcode.invalid(exc.violations))
-        channel = self.channels[route.service]
-        serialize = route.input_type.SerializeToString
-        deserialize = route.output_type.FromString
-        if route.server_streaming:
-            stream = channel.unary_stream(
-                route.full_method, request_serializer=serialize, response_deserializer=deserialize
-            )
-            return StreamingResponse(
-                self._sse(stream(message)),
-                media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-            )
-        call = channel.unary_unary(route.full_method, request_serializer=serialize, response_deserializer=deserialize)
+            raise Refused(transcode.invalid(exc.violations)) from None
+
+    async def call(self, exchange: Exchange, route: Route, message: Any) -> Any:
+        """The unary RPC's reply; its error as ``Refused``."""
         try:
-            reply = await call(message, timeout=self._timeout(request))
+            return await self.calls[route.full_method](
+                message, timeout=self.timeout(exchange), metadata=exchange.metadata()
+            )
         except grpc.aio.AioRpcError as exc:
-            return _error(_status_of(exc))
-        return JSONResponse(transcode.to_json(reply))
+            exchange.span.set_attribute("rpc.grpc.status_code", exc.code().value[0])
+            raise Refused(_status_of(exc)) from None
 
-    async def _read_body(self, request: Request) -> bytes | None:
-        """The body, or None once it is larger than the limit (checked before and while reading)."""
-        limit = self.config.max_body_bytes
-        declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limit:
-            return None
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                return None
-            chunks.append(chunk)
-        return b"".join(chunks)
+    async def unary_or_stream(self, exchange: Exchange, route: Route, params: dict[str, str]) -> None:
+        body = await self.read_json_body(exchange, route)
+        message = self.request_for(exchange, route, params, body)
+        if route.server_streaming:
+            await self.stream(exchange, route, message)
+            return
+        reply = await self.call(exchange, route, message)
+        await exchange.answer(200, jsonmap.dumps(jsonmap.to_dict(reply)))
 
-    async def _sse(self, call: Any) -> AsyncIterator[bytes]:
+    async def stream(self, exchange: Exchange, route: Route, message: Any) -> None:
+        """Server-Sent Events: ``result`` per message, a last ``error`` on failure. The gRPC stream is
+        cancelled when the client goes away."""
+        call = self.calls[route.full_method](message, metadata=exchange.metadata())
+        exchange.status = 200
+        exchange.started = True
+        headers = exchange.response_headers(b"text/event-stream", None)
+        headers += [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
+        await exchange.send({"type": "http.response.start", "status": 200, "headers": headers})
+
+        async def watch() -> None:
+            while (await exchange.receive())["type"] != "http.disconnect":
+                pass
+            call.cancel()
+
+        watcher = asyncio.create_task(watch())
         try:
             async for item in call:
-                yield _event("result", {"result": transcode.to_json(item)})
+                event = _event("result", {"result": jsonmap.to_dict(item)})
+                await exchange.send({"type": "http.response.body", "body": event, "more_body": True})
         except grpc.aio.AioRpcError as exc:
-            yield _event("error", transcode.error_body(_status_of(exc)))
+            await exchange.send(
+                {
+                    "type": "http.response.body",
+                    "body": _event("error", transcode.error_body(_status_of(exc))),
+                    "more_body": True,
+                }
+            )
+        except asyncio.CancelledError:
+            if not watcher.done():
+                raise
         except Exception:
-            log.exception("unexpected error in an event stream")
-            yield _event("error", transcode.error_body(internal_status(transcode.DOMAIN)))
+            log.exception("unexpected error in an event stream", extra={"request_id": exchange.request_id})
+            error = transcode.error_body(internal_status(transcode.DOMAIN))
+            await exchange.send({"type": "http.response.body", "body": _event("error", error), "more_body": True})
+        finally:
+            watcher.cancel()
+        await exchange.send({"type": "http.response.body", "body": b""})
+
+    async def inputs_schema(self, exchange: Exchange, workflow_id: str) -> None:
+        route = self.by_method["/stationthis.workflows.v1.WorkflowsService/GetWorkflow"]
+        message = self.request_for(exchange, route, {"workflow_id": workflow_id}, b"")
+        reply = await self.call(exchange, route, message)
+        schema = inputs_schema.for_workflow(reply.workflow)
+        await exchange.answer(200, jsonmap.dumps(schema), b"application/schema+json")
+
+    # --- health and documentation ----------------------------------------------------------------
+
+    async def operational(self, exchange: Exchange) -> None:
+        path = exchange.path
+        exchange.request_id = new_request_id()
+        if exchange.method not in ("GET", "HEAD"):
+            await exchange.error(self.not_allowed(exchange.method, ["GET"]))
+        elif path == "/healthz":
+            await exchange.answer(200, b'{"status":"ok"}')
+        elif path == "/readyz":
+            ok, states = await self.ready()
+            await exchange.answer(200 if ok else 503, jsonmap.dumps({"ready": ok, "services": states}))
+        elif path == "/openapi.json":
+            await exchange.answer(200, self.openapi_json)
+        elif path in ("/docs", "/docs/"):
+            await exchange.answer(200, self.docs_page, b"text/html; charset=utf-8")
+        elif path.startswith("/docs/") and path[6:] in DOCS_ASSETS:
+            asset = Path(swagger_ui.static_path) / path[6:]
+            kind = {".css": b"text/css", ".js": b"text/javascript", ".png": b"image/png"}[asset.suffix]
+            await exchange.answer(200, asset.read_bytes(), kind, [(b"cache-control", b"max-age=86400")])
+        else:
+            await exchange.error(refusal(grpc.StatusCode.NOT_FOUND, "no such route", "ROUTE_NOT_FOUND"))
 
     async def ready(self) -> tuple[bool, dict[str, str]]:
-        states: dict[str, str] = {}
+        """Every service SERVING? Probed at most every READY_CACHE_SECONDS, however often asked."""
+        checked, ok, states = self._ready
+        if time.monotonic() - checked < READY_CACHE_SECONDS:
+            return ok, states
+        states = {}
         for service, channel in self.channels.items():
             try:
                 reply = await health_pb2_grpc.HealthStub(channel.channel).Check(  # bare: probes stay untraced
@@ -231,56 +685,24 @@ class Gateway:
                 states[service] = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
             except grpc.aio.AioRpcError as exc:
                 states[service] = exc.code().name
-        return all(s == "SERVING" for s in states.values()), states
+        ok = all(s == "SERVING" for s in states.values())
+        self._ready = (time.monotonic(), ok, states)
+        return ok, states
 
 
-def _status_of(exc: grpc.aio.AioRpcError) -> status_pb2.Status:
-    try:
-        rich = rpc_status.from_call(exc)  # type: ignore[arg-type]
-    except ValueError:  # a rich status that contradicts the call's own code: use the call's
-        log.warning("inconsistent rich status from %s", exc.code().name, exc_info=True)
-        rich = None
-    if rich is not None:
-        return rich
-    return status_pb2.Status(code=exc.code().value[0], message=exc.details() or exc.code().name)
+_attribute_sets: dict[tuple[str, str, int], dict[str, Any]] = {}
 
 
-def _event(name: str, data: dict[str, Any]) -> bytes:
-    return f"event: {name}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+def _attributes(method: str, route: str, status: int) -> dict[str, Any]:
+    """The metric attributes of a request, built once per (method, route, status)."""
+    key = (method, route, status)
+    found = _attribute_sets.get(key)
+    if found is None:
+        found = {"http.request.method": method, "http.route": route or "unknown", "http.response.status_code": status}
+        if len(_attribute_sets) < 4096:
+            _attribute_sets[key] = found
+    return found
 
 
-def create_app(config: GatewayConfig) -> Starlette:
-    gateway = Gateway(config)
-
-    @asynccontextmanager
-    async def lifespan(_: Starlette) -> AsyncIterator[None]:
-        await gateway.open()
-        try:
-            yield
-        finally:
-            await gateway.close()
-
-    async def healthz(_: Request) -> Response:
-        return JSONResponse({"status": "ok"})
-
-    async def readyz(_: Request) -> Response:
-        ok, states = await gateway.ready()
-        return JSONResponse({"ready": ok, "services": states}, status_code=200 if ok else 503)
-
-    async def internal_error(request: Request, exc: Exception) -> Response:
-        # Gateway.handle answers its own errors; this covers everything else (e.g. /readyz).
-        log.error("unexpected error answering %s %s", request.method, request.url.path, exc_info=exc)
-        return _error(internal_status(transcode.DOMAIN))
-
-    methods: Sequence[str] = ["GET", "POST", "PUT", "PATCH", "DELETE"]
-    app = Starlette(
-        exception_handlers={Exception: internal_error},
-        routes=[
-            StarletteRoute("/healthz", healthz, methods=["GET"]),
-            StarletteRoute("/readyz", readyz, methods=["GET"]),
-            StarletteRoute("/{path:path}", gateway.handle, methods=list(methods)),
-        ],
-        lifespan=lifespan,
-    )
-    app.state.gateway = gateway
-    return app
+def create_app(config: GatewayConfig) -> Gateway:
+    return Gateway(config)

@@ -118,3 +118,51 @@ def build_routes(modules: Iterable[tuple[ModuleType, str]]) -> list[Route]:
         seen[key] = route
     # Prefer the most specific template: more literal characters first.
     return sorted(routes, key=lambda r: -len(_VARIABLE.sub("", r.template)))
+
+
+class Router:
+    """Finds the route of ``method path`` with one regex search per request.
+
+    Each HTTP method's templates are joined, most specific first, into one alternation of named
+    groups; the group that matched names the route, and the groups inside it are its path values.
+    A path that matches under another method only is a 405 with those methods in ``Allow``.
+    """
+
+    def __init__(self, routes: Iterable[Route]) -> None:
+        self.routes = list(routes)
+        by_method: dict[str, list[Route]] = {}
+        for route in self.routes:
+            by_method.setdefault(route.http_method, []).append(route)
+        self._tables: dict[str, tuple[re.Pattern[str], dict[str, tuple[Route, int]]]] = {}
+        for http_method, group in by_method.items():
+            alternatives = []
+            where: dict[str, tuple[Route, int]] = {}
+            offset = 1
+            for index, route in enumerate(group):
+                name = f"r{index}"
+                alternatives.append(f"(?P<{name}>{route.pattern.pattern})")
+                where[name] = (route, offset)
+                offset += 1 + route.pattern.groups
+            self._tables[http_method] = (re.compile("|".join(alternatives)), where)
+
+    def _match(self, http_method: str, path: str) -> tuple[Route, dict[str, str]] | None:
+        table = self._tables.get(http_method)
+        if table is None:
+            return None
+        pattern, where = table
+        found = pattern.fullmatch(path)
+        if found is None:
+            return None
+        route, offset = where[found.lastgroup]  # type: ignore[index]
+        if not route.path_fields:
+            return route, {}
+        values = found.groups()[offset : offset + len(route.path_fields)]
+        return route, dict(zip(route.path_fields, values, strict=True))
+
+    def find(self, http_method: str, path: str) -> tuple[Route | None, dict[str, str], list[str]]:
+        """The route and its path values; else (None, {}, the methods this path allows)."""
+        found = self._match(http_method, path)
+        if found is not None:
+            return found[0], found[1], [http_method]
+        allowed = [other for other in self._tables if other != http_method and self._match(other, path) is not None]
+        return None, {}, allowed
