@@ -29,6 +29,7 @@ from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from .errors import DeadlineExceeded, DomainError, Relayed, Unavailable
+from .logs import REQUEST_ID
 
 DEFAULT_TIMEOUT_SECONDS = 30.0
 RETRY_POLICY = {
@@ -93,6 +94,9 @@ def _start(method: str, metadata: Any) -> tuple[trace.Span, list[tuple[str, str]
     )
     carrier: dict[str, str] = {}
     propagate.inject(carrier, context=trace.set_span_in_context(span))
+    request_id = REQUEST_ID.get()
+    if request_id:
+        carrier["x-request-id"] = request_id  # the request being served, passed on
     merged = [(k, v) for k, v in (metadata or ()) if k not in carrier]
     merged.extend(carrier.items())
     return span, merged

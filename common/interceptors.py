@@ -20,6 +20,7 @@ from grpc_status import rpc_status
 from opentelemetry import metrics
 
 from .errors import DomainError, Unimplemented, internal_status, to_rpc_status
+from .logs import REQUEST_ID, valid_request_id
 
 log = logging.getLogger("stationthis.rpc")
 _meter = metrics.get_meter("stationthis.rpc")
@@ -147,6 +148,9 @@ class _LogScope:
 
     async def __aenter__(self) -> None:
         self.start = time.perf_counter()
+        for key, value in self.context.invocation_metadata() or ():
+            if key == "x-request-id" and isinstance(value, str) and valid_request_id(value):
+                REQUEST_ID.set(value)  # this RPC's task (and the tasks it starts) only
 
     async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
         code = self.context.code()

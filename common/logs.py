@@ -6,8 +6,10 @@ logger wrote it, so a key that slips into an exception text or a URL never reach
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
+import re
 import sys
 import time
 from collections.abc import Iterable
@@ -16,6 +18,14 @@ from typing import Any
 from opentelemetry import trace
 
 _RESERVED = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+# The X-Request-Id of the request being served (set by the server's logging interceptor from the
+# ``x-request-id`` metadata the gateway sends; passed on by common.channels): in every log line.
+REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:@+=/-]{1,128}")
+
+
+def valid_request_id(value: str) -> bool:
+    return bool(_REQUEST_ID.fullmatch(value))
 
 
 class JsonFormatter(logging.Formatter):
@@ -32,6 +42,9 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        request_id = REQUEST_ID.get()
+        if request_id:
+            entry["request_id"] = request_id
         span = trace.get_current_span().get_span_context()
         if span.is_valid:
             entry["trace_id"] = format(span.trace_id, "032x")

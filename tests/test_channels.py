@@ -32,12 +32,14 @@ class Peer:
         self.error: type[Exception] = Unavailable
         self.seen_remaining: list[float | None] = []
         self.seen_traceparent: list[str] = []
+        self.seen_request_ids: list[str] = []
         self.forward_to: object | None = None
 
     async def echo(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         self.calls += 1
         self.seen_remaining.append(context.time_remaining())
         self.seen_traceparent.extend(v for k, v in context.invocation_metadata() or () if k == "traceparent")
+        self.seen_request_ids.extend(v for k, v in context.invocation_metadata() or () if k == "x-request-id")
         if self.calls <= self.fail_first:
             raise self.error("not now")
         return request
@@ -151,3 +153,36 @@ async def test_each_call_gets_a_client_span_and_sends_its_traceparent(peers) -> 
     [traceparent] = peer.seen_traceparent
     assert traceparent.split("-")[1] == trace_id
     assert traceparent.split("-")[2] == format(client_span.context.span_id, "016x")
+
+
+async def test_the_request_id_is_logged_and_passed_on(peers, caplog) -> None:  # type: ignore[no-untyped-def]
+    """The gateway's X-Request-Id reaches every service a request touches, and their log lines."""
+    import io
+    import json
+    import logging
+
+    from common.logs import JsonFormatter
+
+    front, front_address = await peers()
+    back, back_address = await peers()
+    front.forward_to = open_channel(back_address)
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter("test"))
+    rpc_log = logging.getLogger("stationthis.rpc")
+    rpc_log.addHandler(handler)
+    level = rpc_log.level
+    rpc_log.setLevel(logging.DEBUG)
+    client = grpc.aio.insecure_channel(front_address)
+    try:
+        call = client.unary_unary(f"/{SERVICE}/Forward")
+        await call(b"x", timeout=5, metadata=(("x-request-id", "req-7f3a"),))
+        await call(b"x", timeout=5, metadata=(("x-request-id", "not valid!"),))
+    finally:
+        rpc_log.removeHandler(handler)
+        rpc_log.setLevel(level)
+        await client.close()
+        await front.forward_to.close()  # type: ignore[attr-defined]
+    assert back.seen_request_ids == ["req-7f3a"]  # passed on; an invalid one is dropped
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert {line.get("request_id") for line in lines if line["rpc"].endswith("/Forward")} == {"req-7f3a", None}
