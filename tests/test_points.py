@@ -294,6 +294,7 @@ async def test_quote_cost_price_table(points):
     for gpu, s, nanos, cost, price, usd, minimum in COSTS:
         q = await points.stub.QuoteCost(rpc.QuoteCostRequest(gpu=gpu, gpu_time=seconds(s, nanos)), timeout=10)
         assert (q.cost_points, q.usd_per_second, q.usd_cost, q.minimum_applied) == (cost, price, usd, minimum), gpu
+        assert (q.multiplier, q.usd_per_point) == ("2", "0.000337")  # what a receipt shows
 
 
 async def test_capture_usage_costs_like_quote(points):

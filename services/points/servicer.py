@@ -234,6 +234,8 @@ class PointsServicer(points_service_pb2_grpc.PointsServiceServicer):
             usd_per_second=str(quote.usd_per_second),
             usd_cost=format(quote.usd_cost.normalize(), "f"),
             minimum_applied=quote.minimum_applied,
+            multiplier=format(self.economy.multiplier.normalize(), "f"),
+            usd_per_point=format(self.economy.usd_per_point.normalize(), "f"),
         )
 
     async def ListTransactions(
