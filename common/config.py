@@ -82,13 +82,17 @@ def variables(cls: type[Any]) -> list[tuple[str, str, str, bool]]:
 
 
 def secrets_of(config: Any) -> list[str]:
-    """The non-empty secret values of a loaded config, for the log redaction filter."""
+    """The non-empty secret values of a loaded config, for the log redaction filter. A secret field
+    holds a value, a list of values, or a list of (name, value) pairs whose values are the secrets."""
     found: list[str] = []
     for f in dataclasses.fields(config):
         if not f.metadata.get("secret"):
             continue
         value = getattr(config, f.name)
-        found.extend(str(v) for v in (value if isinstance(value, (tuple, list)) else [value]) if v)
+        for item in value if isinstance(value, (tuple, list)) else [value]:
+            secret = item[-1] if isinstance(item, (tuple, list)) else item
+            if secret:
+                found.append(str(secret))
     return found
 
 

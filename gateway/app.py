@@ -195,8 +195,11 @@ class Exchange:
         await self.answer(body["error"]["code"], jsonmap.dumps(body), extra=refused.headers)
 
     def metadata(self) -> list[tuple[str, str]]:
-        """What every call to a service carries: the trace context and the request id."""
+        """What every call to a service carries: the trace context, the request id and the caller's
+        adapter (which callback origins the comfyui service allows it)."""
         metadata = [("x-request-id", self.request_id)]
+        if self.adapter and self.adapter != WEBHOOK_ADAPTER:
+            metadata.append(("x-stationthis-adapter", self.adapter))
         span_context = self.span.get_span_context()
         if span_context.is_valid:
             metadata.append(

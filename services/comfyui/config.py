@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
 
 from common.config import (
     ComfyDeploySettings,
@@ -16,7 +17,47 @@ from common.config import (
     service_address,
 )
 
+from .callbacks import Adapters, parse_adapters, parse_secret
+from .quotes import QuoteSettings
 from .runs import RunSettings
+
+
+def fraction(raw: str) -> Decimal:
+    """A share from 0 to 1, e.g. ``0.5``."""
+    try:
+        value = Decimal(raw)
+    except InvalidOperation:
+        raise ValueError("expected a number from 0 to 1") from None
+    if not value.is_finite() or not 0 <= value <= 1:
+        raise ValueError("expected a number from 0 to 1")
+    return value
+
+
+def percentile(raw: str) -> float:
+    value = float(raw)
+    if not 0 < value <= 1:
+        raise ValueError("expected a fraction above 0 and at most 1, e.g. 0.9")
+    return value
+
+
+def adapter_pairs(raw: str) -> tuple[tuple[str, str], ...]:
+    """``adapter=value`` pairs, comma-separated; an adapter may appear several times."""
+    pairs = []
+    for item in raw.split(","):
+        adapter, sep, value = item.strip().partition("=")
+        if not item.strip():
+            continue
+        if not sep or not adapter.strip() or not value.strip():
+            raise ValueError("expected adapter=value pairs separated by commas")
+        pairs.append((adapter.strip(), value.strip()))
+    return tuple(pairs)
+
+
+def adapter_secrets(raw: str) -> tuple[tuple[str, str], ...]:
+    pairs = adapter_pairs(raw)
+    for _, secret in pairs:
+        parse_secret(secret)  # a whsec_ secret, or a ValueError naming the form (never the value)
+    return pairs
 
 
 @dataclass(frozen=True)
@@ -89,6 +130,45 @@ class ComfyUIConfig(RedisSettings, ComfyDeploySettings):
         doc="How often the reconciler (one replica at a time) looks at the runs that are due.",
     )
 
+    quote_percentile: float = env(
+        "COMFYUI_QUOTE_PERCENTILE",
+        default=0.9,
+        parse=percentile,
+        doc="The quote (and the hold) is this percentile of the workflow's recent GPU seconds on that GPU.",
+    )
+    default_quote_seconds: float = env(
+        "COMFYUI_DEFAULT_QUOTE_SECONDS",
+        default=60.0,
+        parse=positive_float,
+        doc="GPU seconds a run is quoted (and held) for when its workflow has no history on that GPU yet.",
+    )
+    cancel_charge_share: Decimal = env(
+        "COMFYUI_CANCEL_CHARGE_SHARE",
+        default=Decimal(0),
+        parse=fraction,
+        doc="Share of the GPU time used that a user's cancel after the run started is charged (0: none).",
+    )
+    callback_origins: tuple[tuple[str, str], ...] = env(
+        "COMFYUI_CALLBACK_ORIGINS",
+        default=(),
+        parse=adapter_pairs,
+        doc="adapter=origin pairs: where each adapter's callback URLs may point, e.g. "
+        "`telegram=https://bot.example.com`.",
+    )
+    callback_secrets: tuple[tuple[str, str], ...] = env(
+        "COMFYUI_CALLBACK_SECRETS",
+        default=(),
+        parse=adapter_secrets,
+        secret=True,
+        doc="adapter=whsec_... pairs signing each adapter's callbacks (several per adapter while rotating).",
+    )
+
+    def adapters(self) -> Adapters:
+        return parse_adapters(self.callback_origins, self.callback_secrets)
+
+    def quote_settings(self) -> QuoteSettings:
+        return QuoteSettings(percentile=self.quote_percentile, default_seconds=self.default_quote_seconds)
+
     def run_settings(self) -> RunSettings:
         return RunSettings(
             public_url=self.public_url,
@@ -99,4 +179,5 @@ class ComfyUIConfig(RedisSettings, ComfyDeploySettings):
             retention_seconds=self.run_retention_seconds,
             reconcile_interval_seconds=self.reconcile_interval_seconds,
             pending_grace_seconds=self.pending_grace_seconds,
+            cancel_charge_share=self.cancel_charge_share,
         )

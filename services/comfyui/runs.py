@@ -28,10 +28,12 @@ import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 
 import grpc
+from google.protobuf import duration_pb2, struct_pb2
 from opentelemetry import metrics
 
 from comfydeploy import errors as upstream_errors
@@ -46,10 +48,14 @@ from stationthis.comfyui.v1 import comfyui_service_pb2 as svc
 from stationthis.comfyui.v1 import deployment_pb2, run_pb2, webhook_pb2
 from stationthis.points.v1 import points_pb2, points_service_pb2, points_service_pb2_grpc
 from stationthis.type.v1 import gpu_pb2
+from stationthis.workflows.v1 import workflow_pb2 as workflows_pb2
 from stationthis.workflows.v1 import workflows_service_pb2, workflows_service_pb2_grpc
 
-from . import state
+from . import receipts, state
+from .callbacks import Adapters, Dispatcher
+from .history import Durations, History
 from .hub import EventHub
+from .quotes import Quotes
 from .store import Conflict, Record, RedisRunStore, Write
 
 log = logging.getLogger("stationthis.comfyui.runs")
@@ -61,6 +67,8 @@ UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-
 LABEL_KEY = re.compile(r"[a-z0-9_.-]{1,63}")
 MAX_LABELS, MAX_LABEL_VALUE = 16, 256
 MAX_NAME = 200
+MIN_CANCEL_AFTER, MAX_CANCEL_AFTER = 1.0, 86_400.0
+ADAPTER_METADATA = "x-stationthis-adapter"  # the gateway's name for the caller's API key
 
 _meter = metrics.get_meter("stationthis.comfyui")
 _reconciled = _meter.create_counter("runs.reconciled", description="Runs the reconciler looked at, by outcome")
@@ -82,6 +90,7 @@ class RunSettings:
     reconcile_concurrency: int = 16
     upstream_timeout_seconds: float = 30.0
     cancel_attempts: int = 4
+    cancel_charge_share: Decimal = Decimal(0)  # of the GPU time used, charged when a user cancels after the start
 
     @property
     def hold_ttl_seconds(self) -> int:
@@ -99,6 +108,39 @@ _SUBMIT_REASONS = frozenset({"SUBMIT_FAILED", "SUBMIT_OUTCOME_UNKNOWN"})
 _NOT_SENT = (upstream_errors.UpstreamUnavailable, upstream_errors.RateLimited, upstream_errors.DeadlineExceeded)
 
 
+@dataclass(frozen=True)
+class Target:
+    """Where a new run goes: the workflow, the deployment and the complete, validated inputs."""
+
+    workflow: workflows_pb2.Workflow
+    deployment: workflows_pb2.WorkflowDeployment
+    inputs: struct_pb2.Struct
+    workflow_version_id: str
+
+
+@dataclass(frozen=True)
+class NewRun:
+    """What a new run is asked to be besides its target."""
+
+    user_id: str
+    labels: dict[str, str]
+    gpu_override: int
+    cancel_after: duration_pb2.Duration | None
+    callback_url: str
+    adapter: str
+    regenerated_from: str = ""
+
+
+@dataclass
+class Extras:
+    """The parts of the runs that issue 12's features bring: history, quotes, callbacks."""
+
+    history: History
+    quotes: Quotes
+    adapters: Adapters = field(default_factory=lambda: Adapters({}, {}))
+    callbacks: Dispatcher | None = None
+
+
 class Runs:
     def __init__(
         self,
@@ -108,6 +150,7 @@ class Runs:
         workflows: Any,
         points: Any,
         upstream: ComfyDeployClient,
+        extras: Extras,
         settings: RunSettings | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -117,8 +160,13 @@ class Runs:
         self.workflows = workflows_service_pb2_grpc.WorkflowsServiceStub(workflows)
         self.points = points_service_pb2_grpc.PointsServiceStub(points)
         self.upstream = upstream
+        self.history = extras.history
+        self.quotes = extras.quotes
+        self.adapters = extras.adapters
+        self.callbacks = extras.callbacks
         self.settings = settings or RunSettings()
         self.clock = clock
+        self._medians: dict[tuple[str, int], tuple[float, float]] = {}  # (at, median) per workflow/GPU
         self.owner = uuid.uuid4().hex  # this replica, for the reconciler's lease
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -152,6 +200,26 @@ class Runs:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
+    async def _notify(self, record: Record) -> None:
+        """A status change of a run with a callback URL: its callbacks are due."""
+        if self.callbacks is not None and record.run.callback_url:
+            await self.callbacks.mark_due(record.run.run_id)
+
+    async def _median(self, run: S.Run) -> float | None:
+        """The median of the workflow's recent durations on the run's GPU (a known one cached for a
+        second; no history is asked again, so the first ETA shows as soon as there is one)."""
+        key = (run.workflow_id, int(run.gpu or gpu_pb2.GPU_TYPE_CPU))
+        cached = self._medians.get(key)
+        now = time.monotonic()
+        if cached is not None and now - cached[0] < 1.0:
+            return cached[1]
+        median = _median(await self.history.durations(*key))
+        if median is not None:
+            if len(self._medians) > 1000:
+                self._medians.clear()
+            self._medians[key] = (now, median)
+        return median
+
     def webhook_url(self, record: Record) -> str:
         return f"{self.settings.public_url}/v1/webhooks/comfydeploy?token={record.run.run_id}.{record.token}"
 
@@ -173,85 +241,159 @@ class Runs:
         if request.gpu not in gpu_pb2.GpuType.values():
             check.add("gpu", "is not a known GPU type")
         _labels(check, request.labels)
+        spec = self._spec(check, request.user_id, request.labels, request.gpu, request, request.callback_url, context)
         check.check()
 
+        async def target() -> Target:
+            return await self._resolve(request.environment, name, request.inputs, context)
+
+        return await self._claimed("CreateRun", request.request_id, request, spec, target, context)
+
+    def _spec(
+        self,
+        check: Violations,
+        user_id: str,
+        labels: Any,
+        gpu: int,
+        request: Any,
+        callback_url: str,
+        context: grpc.aio.ServicerContext | None,
+        regenerated_from: str = "",
+    ) -> NewRun:
+        """What a new run is asked to be besides its workflow: checked, violations into ``check``."""
+        cancel_after = None
+        if request.HasField("cancel_after"):
+            cancel_after = request.cancel_after
+            seconds = cancel_after.ToNanoseconds() / 1e9
+            if not MIN_CANCEL_AFTER <= seconds <= MAX_CANCEL_AFTER:
+                check.add("cancel_after", f"must be from {MIN_CANCEL_AFTER:g} s to {MAX_CANCEL_AFTER // 3600:g} h")
+        adapter = _adapter(context)
+        if callback_url:
+            violation = self.adapters.check(adapter, callback_url)
+            if violation is not None:
+                check.add(violation.field, violation.description)
+        return NewRun(user_id, dict(labels), gpu, cancel_after, callback_url, adapter, regenerated_from)
+
+    async def _claimed(
+        self,
+        rpc: str,
+        request_id: str,
+        request: Any,
+        spec: NewRun,
+        target: Callable[[], Awaitable[Target]],
+        context: grpc.aio.ServicerContext | None,
+    ) -> S.Run:
+        """A new run bound to ``request_id`` (a repeat returns the first run as it is now)."""
         run_id = str(uuid.uuid4())
-        claim_key = f"{request.user_id}:{request.request_id}"
-        if request.request_id:
-            prior = await self.ids.claim("CreateRun", claim_key, fingerprint(request), run_id.encode())
+        claim_key = f"{spec.user_id}:{request_id}"
+        if request_id:
+            prior = await self.ids.claim(rpc, claim_key, fingerprint(request), run_id.encode())
             if prior is not None:
                 found = await self.store.get(prior.decode())
                 if found is not None:
                     return found.run  # a repeat: the same run, as it is now
                 run_id = prior.decode()  # the first attempt died before storing its run: carry it on
         try:
-            return await self._create(request, run_id, name, context)
+            return await self._create(spec, run_id, target, context)
+        except Conflict:
+            # A concurrent call with the same request_id stored the run first (its claim's run_id, which
+            # this call took for a died attempt's): that call goes on with it; this one returns it as it
+            # is now and keeps the claim.
+            found = await self.store.get(run_id)
+            if found is None:
+                raise Unavailable("the run is being created; retry", reason="STORE_UNAVAILABLE") from None
+            return found.run
         except BaseException:
-            if request.request_id:
+            if request_id:
                 with contextlib.suppress(DomainError):
-                    await self.ids.release("CreateRun", claim_key)
+                    await self.ids.release(rpc, claim_key)
             raise
 
     async def _create(
-        self, request: svc.CreateRunRequest, run_id: str, name: str, context: grpc.aio.ServicerContext | None
+        self,
+        spec: NewRun,
+        run_id: str,
+        target: Callable[[], Awaitable[Target]],
+        context: grpc.aio.ServicerContext | None,
     ) -> S.Run:
         now = self.now_ms()
-        run = S.Run(run_id=run_id, user_id=request.user_id, status=S.RUN_STATUS_PENDING, labels=dict(request.labels))
+        run = S.Run(run_id=run_id, user_id=spec.user_id, status=S.RUN_STATUS_PENDING, labels=spec.labels,
+                    callback_url=spec.callback_url, regenerated_from=spec.regenerated_from)  # fmt: skip
+        if spec.cancel_after is not None:
+            run.cancel_after.CopyFrom(spec.cancel_after)
         run.create_time.CopyFrom(timestamp_from_ms(now))
         run.update_time.CopyFrom(timestamp_from_ms(now))
         record = await self.store.create(
-            Record(run, token=secrets.token_urlsafe(24)), now + int(self.settings.pending_grace_seconds * 1000)
+            Record(run, token=secrets.token_urlsafe(24), gpu_override=spec.gpu_override, adapter=spec.adapter),
+            now + int(self.settings.pending_grace_seconds * 1000),
         )
         try:
-            resolved, inputs = await self._resolve(request, name, context)
-            hold = await self._hold(run, context)
+            found = await target()
+            workflow, deployment = found.workflow, found.deployment
+            gpu = deployment.gpu or spec.gpu_override or workflow.gpu
+            quote = await self.quotes.quote(workflow.workflow_id, gpu, remaining(context))
+            # The quote is stored before the hold is taken with it: a crash in between leaves what
+            # the reconciler needs to find that hold again (the same request id, the same estimate).
+            record.run.quoted_points = quote.cost_points
+            record = await self.store.write(Write(record))
+            hold = await self._hold(record.run, context)
         except BaseException:
             with contextlib.suppress(DomainError):
                 await self.store.delete(record)
             raise
-        workflow, deployment = resolved.workflow, resolved.deployment
+        run = record.run
         run.workflow_id = workflow.workflow_id
         run.workflow_name = workflow.name
         run.deployment_id = deployment.deployment_id
         run.machine_id = deployment.machine_id or workflow.machine_id
-        run.gpu = deployment.gpu or request.gpu or workflow.gpu  # type: ignore[assignment]
+        run.workflow_version_id = found.workflow_version_id
+        run.gpu = gpu  # type: ignore[assignment]
         run.environment = deployment.environment  # type: ignore[assignment]
-        run.inputs.CopyFrom(inputs)
+        run.inputs.CopyFrom(found.inputs)
         run.hold_id = hold.hold_id
         run.points_held = hold.points_held + hold.qoints_held
         run.status = S.RUN_STATUS_SUBMITTING
-        run.update_time.CopyFrom(timestamp_from_ms(self.now_ms()))
-        record.run = run
-        record.gpu_override = request.gpu
+        now = self.now_ms()
+        state.estimate(run, _median(quote.durations), now)
+        run.update_time.CopyFrom(timestamp_from_ms(now))
         record = await self.store.write(Write(record, state.event(run, E.RUN_EVENT_TYPE_STATUS_CHANGED)))
-        await self.store.schedule(run_id, self.now_ms() + int(self.settings.submit_grace_seconds * 1000))
+        await self.store.schedule(run_id, self._due(run, now + int(self.settings.submit_grace_seconds * 1000)))
+        await self._notify(record)
         self.spawn(self.submit(run_id), f"submit {run_id}")
         return record.run
 
     async def _resolve(
-        self, request: svc.CreateRunRequest, name: str, context: grpc.aio.ServicerContext | None
-    ) -> tuple[workflows_service_pb2.ResolveWorkflowResponse, Any]:
+        self, environment: int, name: str, inputs: struct_pb2.Struct, context: grpc.aio.ServicerContext | None,
+        keep_seeds: bool = False,
+    ) -> Target:  # fmt: skip
+        """The workflow ``name`` resolves to, and ``inputs`` validated and completed for it. A seed
+        left to chance (-1) is drawn now, so the run's snapshot holds the seed actually used."""
         try:
-            resolved = await self.workflows.ResolveWorkflow(
-                workflows_service_pb2.ResolveWorkflowRequest(name=name, environment=request.environment),  # type: ignore[arg-type]
+            resolved: workflows_service_pb2.ResolveWorkflowResponse = await self.workflows.ResolveWorkflow(
+                workflows_service_pb2.ResolveWorkflowRequest(name=name, environment=environment),  # type: ignore[arg-type]
                 timeout=remaining(context),
             )
-            validated = await self.workflows.ValidateInputs(
+            validated: workflows_service_pb2.ValidateInputsResponse = await self.workflows.ValidateInputs(
                 workflows_service_pb2.ValidateInputsRequest(
                     workflow_id=resolved.workflow.workflow_id,
                     environment=resolved.deployment.environment,
-                    inputs=request.inputs,
+                    inputs=inputs,
                 ),
                 timeout=remaining(context),
             )
         except grpc.aio.AioRpcError as exc:
             raise peer_error(exc, WORKFLOWS) from None
-        return resolved, validated.inputs
+        complete = validated.inputs
+        if not keep_seeds:
+            complete = state.draw_seeds(complete, resolved.workflow.inputs)
+        return Target(resolved.workflow, resolved.deployment, complete, validated.workflow_version_id)
 
     async def _hold(self, run: S.Run, context: grpc.aio.ServicerContext | None) -> points_pb2.Hold:
+        """Hold the run's quote (request id ``hold:<run_id>``: a repeat is a replay)."""
         request = points_service_pb2.ReserveHoldRequest(
-            request_id=f"hold:{run.run_id}", user_id=run.user_id, run_id=run.run_id
-        )
+            request_id=f"hold:{run.run_id}", user_id=run.user_id, run_id=run.run_id,
+            estimate_points=run.quoted_points,
+        )  # fmt: skip
         request.ttl.FromSeconds(self.settings.hold_ttl_seconds)
         try:
             reply: points_service_pb2.ReserveHoldResponse = await self.points.ReserveHold(
@@ -260,6 +402,90 @@ class Runs:
         except grpc.aio.AioRpcError as exc:
             raise peer_error(exc, POINTS) from None
         return reply.hold
+
+    # --- QuoteRun and RegenerateRun ---------------------------------------------------------------
+
+    async def quote_run(self, request: svc.QuoteRunRequest, context: grpc.aio.ServicerContext | None
+                        ) -> svc.QuoteRunResponse:  # fmt: skip
+        check = Violations()
+        check.user_id("user_id", request.user_id)
+        which = request.WhichOneof("workflow")
+        name = (request.workflow_id if which == "workflow_id" else request.workflow_name).strip()
+        if not name:
+            check.add("workflow", "one of workflow_id or workflow_name is required")
+        elif len(name) > MAX_NAME:
+            check.add(which or "workflow", f"must be at most {MAX_NAME} characters")
+        if request.environment not in deployment_pb2.Environment.values():
+            check.add("environment", "is not a known environment")
+        if request.gpu not in gpu_pb2.GpuType.values():
+            check.add("gpu", "is not a known GPU type")
+        check.check()
+        try:
+            resolved: workflows_service_pb2.ResolveWorkflowResponse = await self.workflows.ResolveWorkflow(
+                workflows_service_pb2.ResolveWorkflowRequest(name=name, environment=request.environment),  # type: ignore[arg-type]
+                timeout=remaining(context),
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise peer_error(exc, WORKFLOWS) from None
+        workflow, deployment = resolved.workflow, resolved.deployment
+        quote = await self.quotes.quote(
+            workflow.workflow_id, deployment.gpu or request.gpu or workflow.gpu, remaining(context)
+        )
+        try:
+            account: points_service_pb2.GetAccountResponse = await self.points.GetAccount(
+                points_service_pb2.GetAccountRequest(user_id=request.user_id), timeout=remaining(context)
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise peer_error(exc, POINTS) from None
+        available = account.account.points_available + account.account.qoints_available
+        response = svc.QuoteRunResponse(
+            cost_points=quote.cost_points, gpu=quote.gpu, gpu_time=quote.gpu_time, basis=quote.basis,
+            history_runs=len(quote.durations.seconds), affordable=available >= quote.cost_points,
+            available_points=available, shortfall_points=max(0, quote.cost_points - available),
+            workflow_id=workflow.workflow_id, workflow_name=workflow.name,
+        )  # fmt: skip
+        if quote.durations.known:
+            response.typical_gpu_time.FromNanoseconds(int(quote.durations.median * 1e9))
+        return response
+
+    async def regenerate(self, request: svc.RegenerateRunRequest, context: grpc.aio.ServicerContext | None) -> S.Run:
+        """A new run from another's snapshot: same workflow, deployment and inputs (the seeds actually
+        used), a new seed unless ``same_seed``, ``input_overrides`` on top; validated like any run."""
+        check = Violations()
+        if request.request_id:
+            check.request_id(request.request_id)
+        _run_id(check, request.run_id)
+        check.check()
+        original = (await self.store.require(request.run_id)).run
+        check = Violations()
+        spec = self._spec(check, original.user_id, original.labels, original.gpu, request,
+                          request.callback_url or original.callback_url, context, original.run_id)  # fmt: skip
+        check.check()
+
+        async def target() -> Target:
+            # Only the overrides are validated (today's defaults fill the rest of that answer, and are
+            # dropped): every other value is the snapshot's, as it was sent.
+            found = await self._resolve(
+                original.environment, original.workflow_id, request.input_overrides, context, keep_seeds=True
+            )
+            inputs = struct_pb2.Struct()
+            inputs.CopyFrom(original.inputs)
+            if not request.same_seed:
+                inputs = state.new_seeds(inputs, found.workflow.inputs)
+            for key in request.input_overrides.fields:
+                inputs.fields[key].CopyFrom(found.inputs.fields[key])
+            inputs = state.draw_seeds(inputs, found.workflow.inputs)  # an override of -1: a new seed
+            found = Target(found.workflow, found.deployment, inputs, found.workflow_version_id)
+            # The snapshot's deployment, not whichever the catalog would pick today.
+            deployment = workflows_pb2.WorkflowDeployment()
+            deployment.CopyFrom(found.deployment)
+            deployment.deployment_id = original.deployment_id
+            deployment.machine_id = original.machine_id
+            deployment.gpu = original.gpu
+            return Target(found.workflow, deployment, found.inputs, original.workflow_version_id or
+                          found.workflow_version_id)  # fmt: skip
+
+        return await self._claimed("RegenerateRun", request.request_id, request, spec, target, context)
 
     # --- submission -------------------------------------------------------------------------------
 
@@ -334,6 +560,7 @@ class Runs:
             log.error("upstream run %s is claimed by run %s, not %s", upstream_run_id, owner, run_id)
             return await self.store.require(run_id)
         now = self.now_ms()
+        median = await self._median((await self.store.require(run_id)).run)
 
         def change(record: Record) -> Write | None:
             run = record.run
@@ -347,15 +574,18 @@ class Runs:
             if run.status in (S.RUN_STATUS_PENDING, S.RUN_STATUS_SUBMITTING):
                 run.status = S.RUN_STATUS_NOT_STARTED
                 run.update_time.CopyFrom(timestamp_from_ms(now))
+                state.estimate(run, median, now)
                 return Write(record, state.event(run, E.RUN_EVENT_TYPE_STATUS_CHANGED))
             return Write(record)
 
         record, changed = await self.store.update(run_id, change)
+        if changed:
+            await self._notify(record)
         if state.is_terminal(record.run.status) and changed:
             # Ended here (cancelled, failed, lost) while upstream took it: stop it there too.
             self.spawn(self._cancel_upstream(upstream_run_id), f"cancel orphan {upstream_run_id}")
         elif changed:
-            await self.store.schedule(run_id, now + int(self.settings.poll_after_seconds * 1000))
+            await self.store.schedule(run_id, self._due(record.run, now + int(self.settings.poll_after_seconds * 1000)))
         return record
 
     async def find_submission(self, record: Record) -> str | None:
@@ -409,10 +639,12 @@ class Runs:
     async def apply(self, run_id: str, report: state.Report, news: bool = False) -> bool:
         """Merge a report into the run; True if it changed. ``news``: record the time even if not."""
         now = self.now_ms()
-        changed = False
+        changed = status_changed = False
+        current = await self.store.require(run_id)
+        median = None if state.is_terminal(current.run.status) else await self._median(current.run)
 
         def change(record: Record) -> Write | None:
-            nonlocal changed
+            nonlocal changed, status_changed
             merged = state.merge(record.run, report, now)
             changed = merged is not None
             if merged is None:
@@ -420,12 +652,18 @@ class Runs:
                     return None
                 record.news_ms = now
                 return Write(record)
+            state.estimate(merged.run, median, now)
+            if merged.run.status == S.RUN_STATUS_CANCELLED and merged.status_changed and record.stop:
+                state.stopped_by_us(merged.run, record.stop)
             record.run = merged.run
             record.news_ms = now
             record.upstream_duration = record.upstream_duration or merged.upstream_duration
+            status_changed = merged.status_changed
             return Write(record, state.event(merged.run, merged.event_type, merged.new_outputs))
 
         record, _ = await self.store.update(run_id, change)
+        if status_changed:
+            await self._notify(record)
         if state.is_terminal(record.run.status) and not record.settled:
             self.spawn(self.settle(run_id), f"settle {run_id}")
         return changed
@@ -450,10 +688,13 @@ class Runs:
             ended = state.finish(record.run, status, error, now)
             if ended is None:
                 return None
+            ended.ClearField("estimated_end_time")
             record.run = ended
             return Write(record, state.event(ended, E.RUN_EVENT_TYPE_STATUS_CHANGED))
 
-        await self.store.update(run_id, change)
+        ended, changed = await self.store.update(run_id, change)
+        if changed:
+            await self._notify(ended)
         with contextlib.suppress(DomainError):  # the ledger is down: the reconciler settles later
             await self.settle(run_id)
         return await self.store.require(run_id)
@@ -468,11 +709,15 @@ class Runs:
         if run.status == S.RUN_STATUS_SUCCESS and not record.upstream_duration and run.upstream_run_id:
             record = await self._billed_duration(record)
             run = record.run
+        share = self.settings.cancel_charge_share
+        charge = receipts.charge(run, share)
         try:
-            hold = await self._settle_hold(run)
+            hold, transaction_id = await self._settle_hold(run, charge)
+            priced = await self._price(charge.gpu if charge else (run.gpu or gpu_pb2.GPU_TYPE_CPU))
         except DomainError as exc:
             await self._finished_unsettled(run_id, exc)
             raise
+        receipt = receipts.receipt(run, hold, transaction_id, charge, priced.usd_per_second, priced.multiplier, share)
         now = self.now_ms()
 
         def done(current: Record) -> Write | None:
@@ -481,16 +726,26 @@ class Runs:
             current.settled = True
             current.run.settle_time.CopyFrom(timestamp_from_ms(now))
             current.run.update_time.CopyFrom(timestamp_from_ms(now))
-            if hold is not None and current.run.status == S.RUN_STATUS_SUCCESS:
-                current.run.cost_points = hold.cost_points
+            current.run.cost_points = receipt.points_charged
+            current.run.receipt.CopyFrom(receipt)
+            current.run.ClearField("estimated_end_time")
             event = b"" if current.finished else state.event(current.run, E.RUN_EVENT_TYPE_FINISHED)
             current.finished = True
             return Write(current, event, ttl_seconds=self.settings.retention_seconds)
 
-        _, written = await self.store.update(run_id, done)
+        settled, written = await self.store.update(run_id, done)
         if written:
             _settled.add(1, {"status": S.RunStatus.Name(run.status)})
-        await self.store.unschedule(run_id)
+            if run.status == S.RUN_STATUS_SUCCESS and run.HasField("run_duration"):
+                gpu = run.gpu or gpu_pb2.GPU_TYPE_CPU
+                with contextlib.suppress(DomainError):
+                    await self.history.record(run.workflow_id, gpu, run.run_duration.ToNanoseconds() / 1e9)
+                    self._medians.pop((run.workflow_id, int(gpu)), None)
+        await self._notify(settled)
+        if _lost_upstream(settled):
+            await self.store.schedule(run_id, self.now_ms() + 2_000)  # find the upstream run, to cancel it
+        else:
+            await self.store.unschedule(run_id)
 
     async def _billed_duration(self, record: Record) -> Record:
         """Upstream's own run_duration for billing (a webhook does not carry it); our observation
@@ -519,18 +774,29 @@ class Runs:
         updated, _ = await self.store.update(run.run_id, change)
         return updated
 
-    async def _settle_hold(self, run: S.Run) -> points_pb2.Hold | None:
+    async def _price(self, gpu: int) -> points_service_pb2.QuoteCostResponse:
+        """The economy's price of a GPU and its multiplier, for a receipt."""
+        request = points_service_pb2.QuoteCostRequest(gpu=gpu)  # type: ignore[arg-type]
+        request.gpu_time.FromSeconds(1)
+        try:
+            priced: points_service_pb2.QuoteCostResponse = await self.points.QuoteCost(request, timeout=10)
+        except grpc.aio.AioRpcError as exc:
+            raise peer_error(exc, POINTS) from None
+        return priced
+
+    async def _settle_hold(self, run: S.Run, charge: receipts.Charge | None) -> tuple[points_pb2.Hold | None, str]:
+        """Capture ``charge`` or release the hold in full; the hold as settled and the transaction id."""
         if not run.hold_id:
-            return None
+            return None, ""
         request_id = f"settle:{run.run_id}"
         try:
-            if run.status == S.RUN_STATUS_SUCCESS:
-                usage = points_pb2.Usage(gpu=run.gpu or gpu_pb2.GPU_TYPE_CPU, gpu_time=run.run_duration)
+            if charge is not None:
+                usage = points_pb2.Usage(gpu=charge.gpu, gpu_time=charge.gpu_time)
                 capture = points_service_pb2.CaptureHoldRequest(
                     request_id=request_id, user_id=run.user_id, hold_id=run.hold_id, usage=usage
                 )
                 captured: points_service_pb2.CaptureHoldResponse = await self.points.CaptureHold(capture, timeout=10)
-                return captured.hold
+                return captured.hold, captured.transaction.transaction_id
             reason = _RELEASE_REASONS.get(run.status, points_pb2.RELEASE_REASON_OTHER)
             if run.error.reason in _SUBMIT_REASONS:
                 reason = points_pb2.RELEASE_REASON_SUBMIT_FAILED
@@ -541,13 +807,13 @@ class Runs:
                 memo=run.error.reason.lower() or "run ended",
             )  # fmt: skip
             released: points_service_pb2.ReleaseHoldResponse = await self.points.ReleaseHold(release, timeout=10)
-            return released.hold
+            return released.hold, released.transaction.transaction_id
         except grpc.aio.AioRpcError as exc:
             error = peer_error(exc, POINTS)
             if exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION):
                 # The hold is gone or already settled (expired, for a release): nothing is left to do.
                 log.warning("settling run %s: %s", run.run_id, exc.details(), extra={"run_id": run.run_id})
-                return None
+                return None, ""
             raise error from None
 
     async def _finished_unsettled(self, run_id: str, error: DomainError) -> None:
@@ -580,6 +846,7 @@ class Runs:
             # Not upstream (yet): it ends here; a queue request still in flight is cancelled upstream
             # when its answer arrives (adopt).
             return (await self.end(request.run_id, S.RUN_STATUS_CANCELLED, cancelled)).run
+        await self._stopping(request.run_id, "cancel_run")
         refused = await self._cancel_upstream(record.run.upstream_run_id)
         for attempt in range(self.settings.cancel_attempts):
             current = await self.store.require(request.run_id)
@@ -600,6 +867,18 @@ class Runs:
                 metadata={"run_id": request.run_id, "upstream_detail": refused[:200]},
             )  # fmt: skip
         raise Unavailable("ComfyUI Deploy did not confirm the cancel; retry", reason="UPSTREAM_UNAVAILABLE")
+
+    async def _stopping(self, run_id: str, why: str) -> None:
+        """Record why we are about to cancel the run upstream: the "cancelled" that upstream reports
+        back (by webhook or poll) is then our cancel, a deadline or a time limit, not upstream's."""
+
+        def mark(record: Record) -> Write | None:
+            if record.stop or state.is_terminal(record.run.status):
+                return None
+            record.stop = why
+            return Write(record)
+
+        await self.store.update(run_id, mark)
 
     async def _cancel_upstream(self, upstream_run_id: str) -> str | None:
         """POST cancel with retries: upstream answers 500 for many reasons, often after applying it,
@@ -652,6 +931,8 @@ class Runs:
                     runs.append(record.run)
             if more or len(rows) <= page_size:
                 break
+        else:
+            more = True  # runs not looked at yet: a short (even empty) page, and the token goes on from here
         next_token = ""
         if more and before is not None:
             next_token = encode_page_token({"u": request.user_id, "s": statuses, "t": before[0], "r": before[1]})
@@ -669,6 +950,7 @@ class Runs:
                 yield svc.WatchRunResponse(run=record.run, event_type=E.RUN_EVENT_TYPE_FINISHED)
                 return
             last = record.event_id
+            carried: list[S.RunOutput] = []  # outputs that came with the terminal status, for FINISHED
             while True:
                 await wake.wait(5.0)  # a lost notification costs at most this long
                 events = await self.store.events_after(run_id, last, 200)
@@ -681,8 +963,18 @@ class Runs:
                     later = messages[index + 1] if index + 1 < len(messages) else None
                     if message.event_type == E.RUN_EVENT_TYPE_SNAPSHOT:
                         continue
+                    if message.event_type == E.RUN_EVENT_TYPE_STATUS_CHANGED and state.is_terminal(message.run.status):
+                        # STATUS_CHANGED is for non-terminal statuses: FINISHED reports the end, after
+                        # settlement, with the outputs that came with the terminal status.
+                        carried.extend(message.new_outputs)
+                        continue
                     if message.event_type == E.RUN_EVENT_TYPE_PROGRESS and later is not None:
                         continue  # a slow reader gets the latest progress, not every step
+                    if message.event_type == E.RUN_EVENT_TYPE_FINISHED and carried:
+                        outputs = [*carried, *message.new_outputs]
+                        message = svc.WatchRunResponse(
+                            run=message.run, event_type=message.event_type, new_outputs=outputs
+                        )
                     yield message
                     if message.event_type == E.RUN_EVENT_TYPE_FINISHED:
                         return
@@ -690,11 +982,17 @@ class Runs:
     # --- the reconciler ---------------------------------------------------------------------------
 
     async def reconcile_forever(self) -> None:
+        task = asyncio.current_task()
         while True:
             try:
                 await self.reconcile_pass()
             except DomainError as exc:
                 log.warning("reconciler pass deferred: %s", exc.message)
+            if task is not None and task.cancelling():
+                # Python 3.11's asyncio.wait_for (redis-py sends with it when socket_timeout is set)
+                # returns its result, swallowing a cancel that lands as the write completes: stop
+                # anyway, or the server's shutdown waits for this task forever.
+                raise asyncio.CancelledError
             await asyncio.sleep(self.settings.reconcile_interval_seconds)
 
     async def reconcile_pass(self) -> int:
@@ -729,11 +1027,13 @@ class Runs:
             return "gone"
         run, now, settings = record.run, self.now_ms(), self.settings
         if state.is_terminal(run.status):
-            if record.settled:
-                await self.store.unschedule(run_id)
-                return "done"
-            await self.settle(run_id)
-            return "settled"
+            if not record.settled:
+                await self.settle(run_id)
+                return "settled"
+            if _lost_upstream(record):
+                return await self._find_orphan(record)
+            await self.store.unschedule(run_id)
+            return "done"
         if run.status == S.RUN_STATUS_PENDING:
             age = now - run.create_time.ToMilliseconds()
             if age < settings.pending_grace_seconds * 1000:
@@ -742,7 +1042,15 @@ class Runs:
                 return "pending"
             await self._interrupted(record)
             return "interrupted"
+        if run.HasField("cancel_after") and now >= run.create_time.ToMilliseconds() + run.cancel_after.ToMilliseconds():
+            if run.upstream_run_id:
+                await self._stopping(run_id, "cancel_after")
+                await self._cancel_upstream(run.upstream_run_id)
+            passed = state.run_error("RUN_CANCELLED", "its cancel_after deadline passed", {"source": "cancel_after"})
+            await self.end(run_id, S.RUN_STATUS_CANCELLED, passed)
+            return "deadline"
         if run.HasField("submit_time") and now > run.submit_time.ToMilliseconds() + settings.run_timeout_seconds * 1000:
+            await self._stopping(run_id, "deadline")
             await self._cancel_upstream(run.upstream_run_id)
             await self.fail(run_id, "RUN_TIMED_OUT", "the run did not finish within its time limit",
                             {"source": "deadline"})  # fmt: skip
@@ -752,11 +1060,21 @@ class Runs:
         quiet = now - max(record.news_ms, run.submit_time.ToMilliseconds())
         wait = self._poll_interval_ms(record, now)
         if quiet < wait:
-            await self.store.schedule(run_id, now + wait - quiet)
+            await self.store.schedule(run_id, self._due(run, now + wait - quiet))
             return "quiet"
         await self.poll(record)
-        await self.store.schedule(run_id, now + self._poll_interval_ms(await self.store.require(run_id), now))
+        polled = await self.store.require(run_id)
+        await self.store.schedule(run_id, self._due(run, now + self._poll_interval_ms(polled, now)))
         return "polled"
+
+    def _due(self, run: S.Run, at_ms: int) -> int:
+        """``at_ms``, or just past one of the run's deadlines if that comes first (its time limit, its
+        cancel_after): a run is ended on time, however long its next poll is away."""
+        if run.HasField("cancel_after"):
+            at_ms = min(at_ms, run.create_time.ToMilliseconds() + run.cancel_after.ToMilliseconds() + 1)
+        if not run.HasField("submit_time"):
+            return at_ms
+        return min(at_ms, run.submit_time.ToMilliseconds() + int(self.settings.run_timeout_seconds * 1000) + 1)
 
     def _poll_interval_ms(self, record: Record, now: int) -> int:
         """Every poll_after seconds while running; while waiting in the queue, half the time it has
@@ -786,6 +1104,24 @@ class Runs:
         await self.store.schedule(run.run_id, now + 10_000)
         return "searching"
 
+    async def _find_orphan(self, record: Record) -> str:
+        """A run that ended here while its queue request's outcome was unknown: the upstream run that
+        request may have created is looked for (as for a live run) and, once found, cancelled (adopt)."""
+        run, now, settings = record.run, self.now_ms(), self.settings
+        if record.submit == "sent" and now - record.submit_ms < settings.submit_grace_seconds * 1000:
+            # Still in flight: its answer adopts (and cancels) it; else it becomes unknown.
+            await self.store.schedule(run.run_id, record.submit_ms + int(settings.submit_grace_seconds * 1000))
+            return "submitting"
+        if now - record.submit_ms > settings.submit_unknown_seconds * 1000:
+            await self.store.unschedule(run.run_id)
+            return "done"
+        found = await self.find_submission(record)
+        if found is not None:
+            await self.adopt(run.run_id, found)  # the run is terminal: adopt cancels it upstream
+            return "orphan"
+        await self.store.schedule(run.run_id, now + 10_000)
+        return "searching"
+
     async def _interrupted(self, record: Record) -> None:
         """CreateRun died while the run was PENDING: end it and give back a hold it may have taken.
         Reserving with the run's own request_id returns that hold if it was taken (a replay) and
@@ -811,6 +1147,24 @@ def _labels(check: Violations, labels: Any) -> None:
             check.add(f"labels.{key[:63]}", "keys are 1 to 63 characters of a-z 0-9 _ . -")
         elif len(value) > MAX_LABEL_VALUE:
             check.add(f"labels.{key}", f"values are at most {MAX_LABEL_VALUE} characters")
+
+
+def _lost_upstream(record: Record) -> bool:
+    """The run may have an upstream run it does not know of: its queue request is in flight or its
+    answer was lost."""
+    return not record.run.upstream_run_id and record.submit in ("sent", "unknown")
+
+
+def _median(durations: Durations) -> float | None:
+    return durations.median if durations.known else None
+
+
+def _adapter(context: grpc.aio.ServicerContext | None) -> str:
+    """The caller's adapter, as the gateway names it (gRPC callers may send it themselves)."""
+    for key, value in (context.invocation_metadata() or ()) if context is not None else ():
+        if key == ADAPTER_METADATA and isinstance(value, str):
+            return value[:64]
+    return ""
 
 
 def _run_id(check: Violations, run_id: str) -> None:

@@ -10,12 +10,16 @@ from common.bootstrap import Background, Service, grpc_health_probe, redis_probe
 from common.channels import open_channel
 from common.idempotency import RequestIds
 from stationthis.comfyui.v1 import comfyui_service_pb2, comfyui_service_pb2_grpc
+from stationthis.points.v1 import points_service_pb2_grpc
 from stationthis.workflows.v1 import workflows_service_pb2_grpc
 
 from .admin import Upstream
+from .callbacks import Dispatcher
 from .config import ComfyUIConfig
+from .history import History
 from .hub import EventHub
-from .runs import Runs
+from .quotes import Quotes
+from .runs import Extras, Runs
 from .servicer import ComfyUIServicer
 from .store import RedisRunStore
 
@@ -48,6 +52,14 @@ async def build(config: ComfyUIConfig) -> ComfyUIApp:
         config.max_upload_bytes,
     )
     ids = RequestIds(redis, "cui")
+    history = History(redis)
+    dispatcher = Dispatcher(redis, config.adapters())
+    extras = Extras(
+        history=history,
+        quotes=Quotes(history, points_service_pb2_grpc.PointsServiceStub(points), config.quote_settings()),
+        adapters=dispatcher.adapters,
+        callbacks=dispatcher,
+    )
     runs = Runs(
         RedisRunStore(redis, config.run_retention_seconds),
         ids,
@@ -55,12 +67,14 @@ async def build(config: ComfyUIConfig) -> ComfyUIApp:
         workflows,
         points,
         client,
+        extras,
         config.run_settings(),
     )
     servicer = ComfyUIServicer(upstream, runs)
 
     async def close() -> None:
         await runs.close()
+        await dispatcher.close()
         await runs.hub.close()
         await listening.aclose()
         await client.aclose()
@@ -79,6 +93,9 @@ async def build(config: ComfyUIConfig) -> ComfyUIApp:
             grpc_health_probe("workflows", workflows.channel, WORKFLOWS_SERVICE),
         ],
         on_stop=[close],
-        background=[Background("reconciler", runs.reconcile_forever)],
+        background=[
+            Background("reconciler", runs.reconcile_forever),
+            Background("callbacks", dispatcher.deliver_forever),
+        ],
     )
     return ComfyUIApp(service, runs)

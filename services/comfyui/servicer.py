@@ -30,6 +30,14 @@ class ComfyUIServicer(AdminHandlers, UploadHandlers, comfyui_service_pb2_grpc.Co
     ) -> svc.CreateRunResponse:
         return svc.CreateRunResponse(run=await self.runs.create(request, context))
 
+    async def QuoteRun(self, request: svc.QuoteRunRequest, context: grpc.aio.ServicerContext) -> svc.QuoteRunResponse:
+        return await self.runs.quote_run(request, context)
+
+    async def RegenerateRun(
+        self, request: svc.RegenerateRunRequest, context: grpc.aio.ServicerContext
+    ) -> svc.RegenerateRunResponse:
+        return svc.RegenerateRunResponse(run=await self.runs.regenerate(request, context))
+
     async def GetRun(self, request: svc.GetRunRequest, context: grpc.aio.ServicerContext) -> svc.GetRunResponse:
         return svc.GetRunResponse(run=await self.runs.get(request.run_id))
 

@@ -274,7 +274,9 @@ def merge(current: S.Run, report: Report, now_ms: int, final: bool = False) -> C
         _set_time(run, "start_time", now_ms)
     if report.gpu:
         run.gpu = report.gpu
-    if report.live_status and not final:
+    # An earlier status, or less progress, is old news: its live_status is older than the run's.
+    stale = rank(report.status) < rank(current.status) or report.progress < current.progress
+    if report.live_status and not final and not stale:
         run.live_status = report.live_status
     if report.progress > run.progress:
         run.progress = report.progress
@@ -343,6 +345,79 @@ def finish(current: S.Run, status: S.RunStatus, error: S.RunError | None, now_ms
     if error is not None:
         run.error.CopyFrom(error)
     return run
+
+
+SEED_RANGE = 2**32  # ComfyUI's seeds are unsigned; the legacy bot drew them below 2^32
+
+
+def _seed_ids(specs: Iterable[Any]) -> list[tuple[str, float | None, float | None]]:
+    """(input_id, min, max) of the workflow's seed inputs (WorkflowInput messages)."""
+    from stationthis.workflows.v1 import workflow_pb2
+
+    return [
+        (spec.input_id, spec.min_value if spec.HasField("min_value") else None,
+         spec.max_value if spec.HasField("max_value") else None)
+        for spec in specs
+        if spec.type == workflow_pb2.INPUT_TYPE_SEED
+    ]  # fmt: skip
+
+
+def _draw(low: float | None, high: float | None) -> int:
+    import secrets as _secrets
+
+    lowest = int(low) if low is not None and low >= 0 else 0
+    highest = int(high) if high is not None and high >= lowest else SEED_RANGE - 1
+    return lowest + _secrets.randbelow(highest - lowest + 1)
+
+
+def draw_seeds(inputs: struct_pb2.Struct, specs: Iterable[Any]) -> struct_pb2.Struct:
+    """``inputs`` with every seed left to chance (-1) drawn now: the snapshot holds the seed used."""
+    out = struct_pb2.Struct()
+    out.CopyFrom(inputs)
+    for input_id, low, high in _seed_ids(specs):
+        value = out.fields.get(input_id)
+        if value is not None and value.WhichOneof("kind") == "number_value" and value.number_value == -1:
+            out[input_id] = _draw(low, high)
+    return out
+
+
+def new_seeds(inputs: struct_pb2.Struct, specs: Iterable[Any]) -> struct_pb2.Struct:
+    """``inputs`` with a new seed for every seed input (a re-roll)."""
+    out = struct_pb2.Struct()
+    out.CopyFrom(inputs)
+    for input_id, low, high in _seed_ids(specs):
+        if input_id in out.fields:
+            out[input_id] = _draw(low, high)
+    return out
+
+
+def estimate(run: S.Run, median_seconds: float | None, now_ms: int) -> None:
+    """Set (or clear) the run's estimated_end_time from the median of recent runs: while it runs,
+    start_time plus the median; while it waits, now plus one median for itself and one for each run
+    ahead of it. No history (or a terminal run): no estimate."""
+    if median_seconds is None or is_terminal(run.status):
+        run.ClearField("estimated_end_time")
+        return
+    median_ms = round(median_seconds * 1000)
+    if run.HasField("start_time") and run.status in _STARTED_OR_LATER:
+        end = run.start_time.ToMilliseconds() + median_ms
+    else:
+        end = now_ms + median_ms * (1 + (run.queue_position if run.HasField("queue_position") else 0))
+    run.estimated_end_time.CopyFrom(timestamp_from_ms(max(end, now_ms)))
+
+
+_STOPS = {
+    "cancel_run": (S.RUN_STATUS_CANCELLED, "RUN_CANCELLED", "cancelled by CancelRun"),
+    "cancel_after": (S.RUN_STATUS_CANCELLED, "RUN_CANCELLED", "its cancel_after deadline passed"),
+    "deadline": (S.RUN_STATUS_TIMEOUT, "RUN_TIMED_OUT", "the run did not finish within its time limit"),
+}
+
+
+def stopped_by_us(run: S.Run, why: str) -> None:
+    """Upstream reports "cancelled" for a cancel we asked for: say whose it was (``why``)."""
+    status, reason, message = _STOPS[why]
+    run.status = status
+    run.error.CopyFrom(_error(reason, message, {"source": why}))
 
 
 def run_error(reason: str, message: str, metadata: Mapping[str, str] | None = None) -> S.RunError:

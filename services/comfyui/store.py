@@ -102,6 +102,8 @@ class Record:
     upstream_duration: bool = False
     event_id: str = ""
     gpu_override: int = 0  # the GPU CreateRun asked for, sent with the queue request
+    adapter: str = ""  # the caller's adapter: whose secrets sign the run's callbacks
+    stop: str = ""  # why we asked upstream to cancel it: cancel_run | cancel_after | deadline
 
     def fields(self) -> dict[str, str | bytes]:
         return {
@@ -114,6 +116,8 @@ class Record:
             "finished": "1" if self.finished else "0",
             "duration": "upstream" if self.upstream_duration else "",
             "gpu_req": str(self.gpu_override),
+            "cb_adapter": self.adapter,
+            "stop": self.stop,
         }
 
     @classmethod
@@ -133,6 +137,8 @@ class Record:
             upstream_duration=text("duration") == "upstream",
             event_id=text("ev"),
             gpu_override=int(text("gpu_req") or 0),
+            adapter=text("cb_adapter"),
+            stop=text("stop"),
         )
 
     def copy(self) -> Record:
@@ -140,7 +146,7 @@ class Record:
         run.CopyFrom(self.run)
         return Record(
             run, self.rev, self.token, self.submit, self.submit_ms, self.news_ms, self.settled, self.finished,
-            self.upstream_duration, self.event_id, self.gpu_override,
+            self.upstream_duration, self.event_id, self.gpu_override, self.adapter, self.stop,
         )  # fmt: skip
 
 
