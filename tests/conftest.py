@@ -66,7 +66,7 @@ async def wait_serving(running: Running, service: str = "", timeout: float = 10.
     raise AssertionError(f"{service or 'server'} not SERVING within {timeout}s")
 
 
-StartService = Callable[[Callable[[Any], Awaitable[Assembled]], type, dict[str, str]], Awaitable[Running]]
+StartService = Callable[..., Awaitable[Running]]
 
 
 @pytest.fixture
@@ -74,11 +74,14 @@ async def start_service() -> AsyncIterator[StartService]:
     """Start a service the way its process does, but in-process on 127.0.0.1:0."""
     started: list[Running] = []
 
-    async def start(build: Callable[[Any], Awaitable[Assembled]], config_cls: type, environ: dict[str, str]) -> Running:
+    async def start(
+        build: Callable[[Any], Awaitable[Assembled]], config_cls: type, environ: dict[str, str],
+        address: str = "127.0.0.1:0",
+    ) -> Running:  # fmt: skip
         config = load(config_cls, environ)
         app = await build(config)
         server = GrpcServer(app.service, FAST)
-        port = await server.start("127.0.0.1:0")
+        port = await server.start(address)
         running = Running(server, f"127.0.0.1:{port}", grpc.aio.insecure_channel(f"127.0.0.1:{port}"), app)
         started.append(running)
         return running

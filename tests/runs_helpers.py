@@ -4,10 +4,12 @@ gateway, in-process on free loopback ports, wired as `make run` wires them (webh
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
-from contextlib import AsyncExitStack
+import warnings
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from decimal import ROUND_CEILING, Decimal
+from typing import Any, TypeVar
 
 import grpc
 import redis.asyncio as aioredis
@@ -22,6 +24,7 @@ from services.workflows.server import build as build_workflows
 from stationthis.comfyui.v1 import comfyui_service_pb2 as svc
 from stationthis.comfyui.v1 import comfyui_service_pb2_grpc
 from stationthis.comfyui.v1 import run_pb2 as R
+from stationthis.points.v1 import points_pb2 as pt
 from stationthis.points.v1 import points_service_pb2 as pts
 from stationthis.points.v1 import points_service_pb2_grpc
 from tests.conftest import Running, StartService, wait_serving
@@ -90,10 +93,13 @@ async def start_system(
     emulator: Any,
     replicas: int = 1,
     gateway: bool = True,
+    points_env: dict[str, str] | None = None,
     **comfyui_env: str,
 ) -> AsyncIterator[System]:
+    """``points_env``: extra PointsService variables (e.g. POINTS_HOLD_ESTIMATE); ``comfyui_env``:
+    extra ComfyUIService variables, over FAST_RUNS."""
     env = {"REDIS_URL": redis_url, "COMFYDEPLOY_API_URL": emulator.base_url, "COMFYDEPLOY_API_KEY": emulator.api_key}
-    points = await start_service(build_points, PointsConfig, env)
+    points = await start_service(build_points, PointsConfig, {**env, **(points_env or {})})
     workflows = await start_service(build_workflows, WorkflowsConfig, env)
     gateway_port = free_port()
     runs_env = {
@@ -105,24 +111,130 @@ async def start_system(
         **comfyui_env,
     }
 
+    started: list[Running] = [points, workflows]
+
     async def start_comfyui(**extra: str) -> Running:
         running = await start_service(build_comfyui, ComfyUIConfig, {**runs_env, **extra})
+        started.append(running)
         await wait_serving(running)
         return running
 
-    comfyui = [await start_comfyui() for _ in range(replicas)]
-    for running in (points, workflows):
-        await wait_serving(running)
-    client = aioredis.Redis.from_url(redis_url)
-    async with AsyncExitStack() as stack:
-        gw = None
-        if gateway:
-            backends = {"points": points, "workflows": workflows, "comfyui": comfyui[0]}
-            gw = await stack.enter_async_context(serve_gateway(gateway_env(backends), port=gateway_port))
-        try:
-            yield System(emulator, client, points, workflows, comfyui, gw, start_comfyui)
-        finally:
-            await client.aclose()
+    try:
+        comfyui = [await start_comfyui() for _ in range(replicas)]
+        for running in (points, workflows):
+            await wait_serving(running)
+        client = aioredis.Redis.from_url(redis_url)
+        async with AsyncExitStack() as stack:
+            gw = None
+            if gateway:
+                backends = {"points": points, "workflows": workflows, "comfyui": comfyui[0]}
+                gw = await stack.enter_async_context(serve_gateway(gateway_env(backends), port=gateway_port))
+            try:
+                yield System(emulator, client, points, workflows, comfyui, gw, start_comfyui)
+            finally:
+                await client.aclose()
+    finally:
+        for running in reversed(started):  # before start_service's teardown, which then has nothing to do
+            await stop_surely(running)
+
+
+async def stop_surely(running: Running, within: float = 30) -> None:
+    """Stop a service as start_service's teardown does, but cancel a background task again when its
+    cancel was swallowed: Python 3.11's asyncio.wait_for (which redis-py sends with when a socket
+    timeout is set) returns its result instead of raising a cancel that lands as the write completes,
+    and the server's stop then waits for that task forever. A warning names the task each time."""
+    server = running.server
+    stopping = asyncio.create_task(server.stop(0))
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while not (await asyncio.wait({stopping}, timeout=1.0))[0]:
+        for task in server._tasks:
+            if not task.done() and task.cancelling():
+                warnings.warn(f"background task {task.get_name()} ignored its cancel; cancelled again", stacklevel=1)
+                task.cancel()
+        assert loop.time() < deadline, f"{running.address} did not stop within {within}s"
+    stopping.result()
+
+
+open_system = asynccontextmanager(start_system)  # ``async with open_system(...) as system``
+
+T = TypeVar("T")
+
+
+async def eventually(check: Callable[[], Awaitable[T | None]], what: str, within: float = 15) -> T:
+    """Call ``check`` until it returns something other than None (or False); AssertionError after
+    ``within`` seconds, naming ``what``."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while True:
+        found = await check()
+        if found is not None and found is not False:
+            return found
+        assert loop.time() < deadline, f"not within {within}s: {what}"
+        await asyncio.sleep(0.02)
+
+
+async def redis_snapshot(client: aioredis.Redis, skip: tuple[str, ...] = ("runs:reconciler:lease",)) -> dict[str, Any]:
+    """Every key in Redis with its full value (by type), to compare before and after."""
+    found: dict[str, Any] = {}
+    async for raw in client.scan_iter(count=1000):
+        key = raw.decode()
+        if key in skip:
+            continue
+        kind = (await client.type(raw)).decode()
+        if kind == "string":
+            value: Any = await client.get(raw)
+        elif kind == "hash":
+            value = await client.hgetall(raw)
+        elif kind == "zset":
+            value = await client.zrange(raw, 0, -1, withscores=True)
+        elif kind == "set":
+            value = sorted(await client.smembers(raw))
+        elif kind == "list":
+            value = await client.lrange(raw, 0, -1)
+        elif kind == "stream":
+            value = await client.xrange(raw)
+        else:
+            value = kind
+        found[key] = (kind, value)
+    return found
+
+
+async def run_hash(system: System, run_id: str) -> dict[bytes, bytes]:
+    """The run's stored hash, byte for byte (run:{<id>})."""
+    raw: dict[bytes, bytes] = await system.redis.hgetall(f"run:{{{run_id}}}")
+    return raw
+
+
+async def upstream_runs_of(system: System, run_id: str) -> list[dict[str, Any]]:
+    """The emulator's runs queued for our run ``run_id`` (its id is in the webhook URL's token)."""
+    return [r for r in await system.emulator.runs() if f"token={run_id}." in (r.get("webhook") or "")]
+
+
+async def ledger_of(system: System, run_id: str, user: str = "alice") -> list[Any]:
+    """The user's ledger entries for ``run_id``, oldest first."""
+    return [t for t in await system.transactions(user) if t.run_id == run_id]
+
+
+def kinds(transactions: list[Any]) -> list[str]:
+    return sorted(pt.TransactionKind.Name(t.kind) for t in transactions)
+
+
+async def settled_ledger(system: System, run_id: str, user: str = "alice", within: float = 10) -> list[Any]:
+    """The run's ledger entries once it has two (the hold and its settlement)."""
+
+    async def two() -> list[Any] | None:
+        found = await ledger_of(system, run_id, user)
+        return found if len(found) >= 2 else None
+
+    return await eventually(two, f"run {run_id} settled in the ledger", within)
+
+
+def expected_cost(gpu_price: str, run: R.Run) -> int:
+    """The points a SUCCESS run costs: GPU seconds at ``gpu_price`` USD/s, x2, in 0.000337 USD points, min 3."""
+    seconds = Decimal(run.run_duration.ToNanoseconds()) / Decimal(10**9)
+    raw = (seconds * Decimal(gpu_price) / Decimal("0.000337") * 2).to_integral_value(rounding=ROUND_CEILING)
+    return max(3, int(raw))
 
 
 async def ensure_points(system: System, user: str, qoints: int = 10_000) -> None:
@@ -139,4 +251,19 @@ def grpc_code(error: BaseException) -> grpc.StatusCode:
     return error.code()
 
 
-__all__ = ["KEYS", "System", "ensure_points", "grpc_code", "start_system"]
+__all__ = [
+    "KEYS",
+    "System",
+    "ensure_points",
+    "eventually",
+    "expected_cost",
+    "grpc_code",
+    "kinds",
+    "ledger_of",
+    "open_system",
+    "redis_snapshot",
+    "run_hash",
+    "settled_ledger",
+    "start_system",
+    "upstream_runs_of",
+]
