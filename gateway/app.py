@@ -46,7 +46,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from common import redis_client
 from common.channels import TracedChannel, open_channel
-from common.errors import internal_status
+from common.errors import FieldViolation, internal_status
 from stationthis.comfyui.v1 import comfyui_service_pb2
 from stationthis.points.v1 import points_service_pb2
 from stationthis.workflows.v1 import workflows_service_pb2
@@ -287,8 +287,22 @@ def _trailer_status(exc: grpc.aio.AioRpcError) -> status_pb2.Status | None:
     return None
 
 
-def _event(name: str, data: Any) -> bytes:
-    return b"event: " + name.encode() + b"\ndata: " + jsonmap.dumps(data) + b"\n\n"
+def _event(name: str, data: Any, event_id: str = "") -> bytes:
+    head = b"id: " + event_id.encode() + b"\n" if event_id else b""
+    return head + b"event: " + name.encode() + b"\ndata: " + jsonmap.dumps(data) + b"\n\n"
+
+
+_EVENT_ID = re.compile(r"\d{1,20}-\d{1,20}")  # a run event's id (a Redis stream id)
+
+
+def _resume_from(exchange: Exchange, message: Any) -> None:
+    """An EventSource reconnecting sends Last-Event-ID: resume after it, as after_event_id would."""
+    last = exchange.header(b"last-event-id")
+    if last is None or "after_event_id" not in message.DESCRIPTOR.fields_by_name or message.after_event_id:
+        return
+    if not _EVENT_ID.fullmatch(last):
+        raise Refused(transcode.invalid([FieldViolation("Last-Event-ID", "must be the id of an event of this stream")]))
+    message.after_event_id = last
 
 
 def _docs_page() -> bytes:
@@ -600,6 +614,7 @@ class Gateway:
         body = await self.read_json_body(exchange, route)
         message = self.request_for(exchange, route, params, body)
         if route.server_streaming:
+            _resume_from(exchange, message)
             await self.stream(exchange, route, message)
             return
         reply = await self.call(exchange, route, message)
@@ -623,7 +638,7 @@ class Gateway:
         watcher = asyncio.create_task(watch())
         try:
             async for item in call:
-                event = _event("result", {"result": jsonmap.to_dict(item)})
+                event = _event("result", {"result": jsonmap.to_dict(item)}, getattr(item, "event_id", ""))
                 await exchange.send({"type": "http.response.body", "body": event, "more_body": True})
         except grpc.aio.AioRpcError as exc:
             await exchange.send(

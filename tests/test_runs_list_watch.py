@@ -272,3 +272,60 @@ async def test_watch_run_over_http_is_server_sent_events(redis_url: str, start_s
 
 async def _some(events: list[Any]) -> bool:
     return bool(events)
+
+
+async def test_a_watcher_resumes_after_the_last_event_it_got(redis_url: str, start_service: Any, emulator: Any) -> None:
+    async with open_system(redis_url, start_service, emulator) as system:
+        waiting, blockers = await blocked_run(system)
+        call = system.runs.WatchRun(svc.WatchRunRequest(run_id=waiting.run_id), timeout=30)
+        snapshot = await call.read()
+        assert snapshot.event_type == E.RUN_EVENT_TYPE_SNAPSHOT and snapshot.event_id
+        await release(system, blockers)
+        await system.wait(waiting.run_id, (R.RUN_STATUS_RUNNING, *TERMINAL), settled=False)
+        second = await call.read()  # then the stream breaks
+        call.cancel()
+        assert second.event_type != E.RUN_EVENT_TYPE_SNAPSHOT and second.event_id > snapshot.event_id
+        final = await system.wait(waiting.run_id)
+        everything = await read_all(system.runs.WatchRun(svc.WatchRunRequest(run_id=waiting.run_id), timeout=10))
+        assert everything[0].event_id == everything[-1].event_id  # a late watcher: SNAPSHOT and FINISHED
+        resumed = await read_all(
+            system.runs.WatchRun(svc.WatchRunRequest(run_id=waiting.run_id, after_event_id=second.event_id), timeout=10)
+        )
+        # No SNAPSHOT, nothing received twice, and the watch ends as an unbroken one would.
+        check_watch([snapshot, second, *resumed], final)
+        ids = [m.event_id for m in (snapshot, second, *resumed)]
+        assert ids == sorted(set(ids), key=lambda i: tuple(map(int, i.split("-")))), ids
+        assert resumed[-1].run == final
+        # After the last event: FINISHED again, at once. Events no longer kept, or never sent: a SNAPSHOT.
+        last = await read_all(
+            system.runs.WatchRun(svc.WatchRunRequest(run_id=waiting.run_id, after_event_id=ids[-1]), timeout=10)
+        )
+        assert [m.event_type for m in last] == [E.RUN_EVENT_TYPE_FINISHED]
+        for gone in ("0-1", "99999999999999-0"):
+            request = svc.WatchRunRequest(run_id=waiting.run_id, after_event_id=gone)
+            messages = await read_all(system.runs.WatchRun(request, timeout=10))
+            assert [m.event_type for m in messages] == [E.RUN_EVENT_TYPE_SNAPSHOT, E.RUN_EVENT_TYPE_FINISHED], gone
+        bad = system.runs.WatchRun(svc.WatchRunRequest(run_id=waiting.run_id, after_event_id="latest"), timeout=10)
+        try:
+            await read_all(bad)
+            raise AssertionError("a malformed after_event_id was accepted")
+        except grpc.aio.AioRpcError as exc:
+            assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT and "after_event_id" in exc.details(), exc
+
+
+async def test_an_event_source_resumes_with_last_event_id(redis_url: str, start_service: Any, emulator: Any) -> None:
+    async with open_system(redis_url, start_service, emulator) as system:
+        gateway = system.gateway
+        assert gateway is not None
+        created = await system.create()
+        final = await system.wait(created.run_id)
+        response = await gateway.get(f"/v1/runs/{created.run_id}:watch")
+        blocks = [dict(line.split(": ", 1) for line in b.splitlines()) for b in response.text.strip().split("\n\n")]
+        assert [b["event"] for b in blocks] == ["result", "result"] and all(b["id"] for b in blocks), blocks
+        assert blocks[0]["id"] == json.loads(blocks[0]["data"])["result"]["event_id"]
+        # The browser's EventSource reconnects with the last id it saw.
+        again = await gateway.get(f"/v1/runs/{created.run_id}:watch", headers={"Last-Event-ID": blocks[0]["id"]})
+        [resumed] = [json.loads(b.split("data: ", 1)[1])["result"] for b in again.text.strip().split("\n\n")]
+        assert resumed["event_type"] == "RUN_EVENT_TYPE_FINISHED" and resumed["run"]["run_id"] == final.run_id
+        refused = await gateway.get(f"/v1/runs/{created.run_id}:watch", headers={"Last-Event-ID": "x"})
+        assert refused.status_code == 400 and "Last-Event-ID" in refused.text, refused.text

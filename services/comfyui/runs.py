@@ -65,6 +65,7 @@ POINTS = "stationthis.points.v1.PointsService"
 WORKFLOWS = "stationthis.workflows.v1.WorkflowsService"
 UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 LABEL_KEY = re.compile(r"[a-z0-9_.-]{1,63}")
+_EVENT_ID = re.compile(r"\d{1,20}-\d{1,20}")  # a Redis stream id
 MAX_LABELS, MAX_LABEL_VALUE = 16, 256
 MAX_NAME = 200
 MIN_CANCEL_AFTER, MAX_CANCEL_AFTER = 1.0, 86_400.0
@@ -938,25 +939,49 @@ class Runs:
             next_token = encode_page_token({"u": request.user_id, "s": statuses, "t": before[0], "r": before[1]})
         return svc.ListRunsResponse(runs=runs, next_page_token=next_token)
 
-    async def watch(self, run_id: str) -> AsyncIterator[svc.WatchRunResponse]:
-        """SNAPSHOT, then every change from the run's event stream, until FINISHED."""
+    async def watch(self, run_id: str, after_event_id: str = "") -> AsyncIterator[svc.WatchRunResponse]:
+        """SNAPSHOT, then every change from the run's event stream, until FINISHED; or, resuming after
+        an event still kept, what came after it."""
         check = Violations()
         _run_id(check, run_id)
+        if after_event_id and not _EVENT_ID.fullmatch(after_event_id):
+            check.add("after_event_id", "must be the event_id of a message of this run's WatchRun")
         check.check()
         async with self.hub.subscribe(run_id) as wake:
             record = await self.store.require(run_id)
-            yield svc.WatchRunResponse(run=record.run, event_type=E.RUN_EVENT_TYPE_SNAPSHOT)
-            if record.finished:
-                yield svc.WatchRunResponse(run=record.run, event_type=E.RUN_EVENT_TYPE_FINISHED)
-                return
-            last = record.event_id
+            if after_event_id and await self.store.kept_after(run_id, after_event_id, record.event_id):
+                last = after_event_id
+            else:
+                yield svc.WatchRunResponse(
+                    run=record.run, event_type=E.RUN_EVENT_TYPE_SNAPSHOT, event_id=record.event_id
+                )
+                if record.finished:
+                    yield svc.WatchRunResponse(
+                        run=record.run, event_type=E.RUN_EVENT_TYPE_FINISHED, event_id=record.event_id
+                    )
+                    return
+                last = record.event_id
             carried: list[S.RunOutput] = []  # outputs that came with the terminal status, for FINISHED
+            first = True
             while True:
-                await wake.wait(5.0)  # a lost notification costs at most this long
+                if not first:
+                    await wake.wait(5.0)  # a lost notification costs at most this long
+                first = False
                 events = await self.store.events_after(run_id, last, 200)
-                if not events and await self.store.get(run_id) is None:
-                    raise NotFound(f"run {run_id} expired", reason="RUN_NOT_FOUND", metadata={"run_id": run_id})
-                messages = [svc.WatchRunResponse.FromString(data) for _, data in events]
+                if not events:
+                    current = await self.store.get(run_id)
+                    if current is None:
+                        raise NotFound(f"run {run_id} expired", reason="RUN_NOT_FOUND", metadata={"run_id": run_id})
+                    if current.finished and current.event_id == last:  # resumed after its last event
+                        yield svc.WatchRunResponse(
+                            run=current.run, event_type=E.RUN_EVENT_TYPE_FINISHED, event_id=current.event_id
+                        )
+                        return
+                messages = []
+                for event_id, data in events:
+                    message = svc.WatchRunResponse.FromString(data)
+                    message.event_id = event_id
+                    messages.append(message)
                 if events:
                     last = events[-1][0]
                 for index, message in enumerate(messages):
@@ -973,8 +998,9 @@ class Runs:
                     if message.event_type == E.RUN_EVENT_TYPE_FINISHED and carried:
                         outputs = [*carried, *message.new_outputs]
                         message = svc.WatchRunResponse(
-                            run=message.run, event_type=message.event_type, new_outputs=outputs
-                        )
+                            run=message.run, event_type=message.event_type, new_outputs=outputs,
+                            event_id=message.event_id,
+                        )  # fmt: skip
                     yield message
                     if message.event_type == E.RUN_EVENT_TYPE_FINISHED:
                         return

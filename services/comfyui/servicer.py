@@ -47,7 +47,7 @@ class ComfyUIServicer(AdminHandlers, UploadHandlers, comfyui_service_pb2_grpc.Co
     async def WatchRun(
         self, request: svc.WatchRunRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[svc.WatchRunResponse]:
-        async for message in self.runs.watch(request.run_id):
+        async for message in self.runs.watch(request.run_id, request.after_event_id):
             yield message
 
     async def CancelRun(

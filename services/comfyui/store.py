@@ -178,6 +178,7 @@ class RunStore(Protocol):
     async def list_user(self, user_id: str, before: tuple[int, str] | None, limit: int) -> list[tuple[int, str]]: ...
     async def get_many(self, run_ids: Sequence[str]) -> list[Record | None]: ...
     async def events_after(self, run_id: str, after: str, count: int) -> list[tuple[str, bytes]]: ...
+    async def kept_after(self, run_id: str, after: str, newest: str) -> bool: ...
     async def adopt(self, upstream_run_id: str, run_id: str, ttl_seconds: int) -> str: ...
     async def adopted(self, upstream_run_id: str) -> str | None: ...
     async def lease(self, owner: str, ttl_ms: int) -> bool: ...
@@ -321,6 +322,15 @@ class RedisRunStore:
         assert isinstance(rows, list)
         return [(event_id.decode(), fields[b"e"]) for event_id, fields in rows]
 
+    async def kept_after(self, run_id: str, after: str, newest: str) -> bool:
+        """Whether every event of the run after ``after`` is still in its (capped) stream: ``after`` is
+        no later than ``newest`` (the run's last event) and no earlier than the oldest event kept."""
+        if not newest or _stream_id(after) > _stream_id(newest):
+            return False
+        rows = await self._guard(self.redis.xrange(events_key(run_id), "-", "+", 1))
+        assert isinstance(rows, list)
+        return bool(rows) and _stream_id(rows[0][0].decode()) <= _stream_id(after)
+
     # --- upstream ids -----------------------------------------------------------------------------
 
     async def adopt(self, upstream_run_id: str, run_id: str, ttl_seconds: int) -> str:
@@ -333,3 +343,8 @@ class RedisRunStore:
     async def adopted(self, upstream_run_id: str) -> str | None:
         owner = await self._guard(self.redis.get(upstream_key(upstream_run_id)))
         return owner.decode() if isinstance(owner, bytes) else None
+
+
+def _stream_id(event_id: str) -> tuple[int, int]:
+    milliseconds, _, sequence = event_id.partition("-")
+    return int(milliseconds), int(sequence or 0)
