@@ -228,16 +228,37 @@ class GrpcServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._monitor
         await self.server.stop(self.config.grace_seconds if grace is None else grace)
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await _cancel_all(self._tasks)
         for hook in self.service.on_stop:
             try:
                 await hook()
             except Exception:  # a failing close must not hide the others
                 log.exception("error while closing %s", self.service.name)
+
+
+async def _cancel_all(tasks: Sequence[asyncio.Task[Any]], within: float = 10.0) -> None:
+    """Cancel the background tasks and wait for them. A task whose cancel was swallowed is cancelled
+    again: Python 3.11's asyncio.wait_for (which redis-py sends with when a socket timeout is set)
+    returns its result instead of raising a cancel that lands as the write completes, and the task
+    would then run on. After ``within`` seconds the stop goes on without it (logged)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    for task in tasks:
+        task.cancel()
+    pending = {task for task in tasks if not task.done()}
+    while pending:
+        _, pending = await asyncio.wait(pending, timeout=0.5)
+        for task in pending:
+            if loop.time() >= deadline:
+                log.error("background task %s did not stop; leaving it", task.get_name())
+            else:
+                log.warning("background task %s ignored its cancel; cancelled again", task.get_name())
+                task.cancel()
+        if loop.time() >= deadline:
+            break
+    for task in tasks:
+        if task.done() and not task.cancelled() and task.exception() is not None:
+            log.error("background task %s ended with an error", task.get_name(), exc_info=task.exception())
 
 
 async def serve(service: Service, address: str, config: ServerConfig) -> None:

@@ -4,7 +4,6 @@ gateway, in-process on free loopback ports, wired as `make run` wires them (webh
 from __future__ import annotations
 
 import asyncio
-import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
@@ -139,21 +138,9 @@ async def start_system(
 
 
 async def stop_surely(running: Running, within: float = 30) -> None:
-    """Stop a service as start_service's teardown does, but cancel a background task again when its
-    cancel was swallowed: Python 3.11's asyncio.wait_for (which redis-py sends with when a socket
-    timeout is set) returns its result instead of raising a cancel that lands as the write completes,
-    and the server's stop then waits for that task forever. A warning names the task each time."""
-    server = running.server
-    stopping = asyncio.create_task(server.stop(0))
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while not (await asyncio.wait({stopping}, timeout=1.0))[0]:
-        for task in server._tasks:
-            if not task.done() and task.cancelling():
-                warnings.warn(f"background task {task.get_name()} ignored its cancel; cancelled again", stacklevel=1)
-                task.cancel()
-        assert loop.time() < deadline, f"{running.address} did not stop within {within}s"
-    stopping.result()
+    """Stop a service as start_service's teardown does, within a bound (the server's stop cancels
+    again a background task whose cancel was swallowed, common/bootstrap._cancel_all)."""
+    await asyncio.wait_for(running.server.stop(0), within)
 
 
 open_system = asynccontextmanager(start_system)  # ``async with open_system(...) as system``

@@ -96,3 +96,29 @@ async def test_tasks_start_with_the_server_and_stop_with_it() -> None:
 async def _status(server: GrpcServer) -> int:
     reply = await server.health.Check(health_pb2.HealthCheckRequest(service=""), None)
     return int(reply.status)
+
+
+async def test_a_task_that_swallows_its_cancel_is_cancelled_again(caplog) -> None:  # type: ignore[no-untyped-def]
+    """What Python 3.11's wait_for does when a cancel lands as its inner call completes: the task runs
+    on. The server's stop cancels it again instead of waiting for it forever."""
+    swallowed: list[int] = []
+
+    async def stubborn() -> None:
+        while True:
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                if not swallowed:
+                    swallowed.append(1)
+                    asyncio.current_task().uncancel()  # type: ignore[union-attr]
+                    continue  # the first cancel is lost, as wait_for loses it
+                raise
+
+    service = make_test_service([])
+    service.background = [Background("stubborn", stubborn, after_serving=False)]
+    server = GrpcServer(service, FAST)
+    await server.start("127.0.0.1:0")
+    await asyncio.sleep(0.05)
+    await asyncio.wait_for(server.stop(0), 10)
+    assert swallowed == [1]
+    assert any("stubborn ignored its cancel" in r.getMessage() for r in caplog.records)
