@@ -43,6 +43,9 @@ SERVICE_CONFIG = json.dumps({"methodConfig": [{"name": [{}], "retryPolicy": RETR
 CHANNEL_OPTIONS: Sequence[tuple[str, Any]] = (
     ("grpc.service_config", SERVICE_CONFIG),
     ("grpc.enable_retries", 1),
+    # A peer that was down is dialled again within 5 s of coming back (gRPC's default backoff grows
+    # to 120 s, so a long outage would outlast the service's return by up to two minutes).
+    ("grpc.max_reconnect_backoff_ms", 5_000),
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 0),

@@ -260,7 +260,7 @@ def too_large(limit: int) -> Refused:
 CORE_WRITE_ERROR = "Internal error from Core"
 
 
-def _status_of(exc: grpc.aio.AioRpcError) -> status_pb2.Status:
+def _status_of(exc: grpc.aio.AioRpcError, method: str) -> status_pb2.Status:
     try:
         rich = rpc_status.from_call(exc)  # type: ignore[arg-type]
     except ValueError:  # a rich status that contradicts the call's own code
@@ -272,9 +272,30 @@ def _status_of(exc: grpc.aio.AioRpcError) -> status_pb2.Status:
             rich = _trailer_status(exc)
         if rich is None:
             log.warning("inconsistent rich status from %s", exc.code().name, exc_info=True)
-    if rich is not None:
+    if rich is not None and rich.details:
         return rich
-    return status_pb2.Status(code=exc.code().value[0], message=exc.details() or exc.code().name)
+    if exc.code() == grpc.StatusCode.INTERNAL and exc.details() == CORE_WRITE_ERROR:
+        return status_pb2.Status(code=exc.code().value[0], message=CORE_WRITE_ERROR)  # uploads ask again
+    # No status of ours: the service was not reached, or gRPC itself ended the call. Its text is the
+    # library's (connection refused, GOAWAY, ...), never for a client: say what happened in our words.
+    return _own_status(exc.code(), method)
+
+
+_OWN_WORDS = {
+    grpc.StatusCode.UNAVAILABLE: ("the {service} service is not available; retry", "DEPENDENCY_UNAVAILABLE"),
+    grpc.StatusCode.DEADLINE_EXCEEDED: ("the {service} service did not answer in time", "DEADLINE_EXCEEDED"),
+    grpc.StatusCode.CANCELLED: ("the call to the {service} service was cancelled", "CANCELLED"),
+    grpc.StatusCode.UNIMPLEMENTED: ("{method} is not implemented", "NOT_IMPLEMENTED"),
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ("the {service} service is overloaded; retry", "DEPENDENCY_OVERLOADED"),
+}
+
+
+def _own_status(code: grpc.StatusCode, method: str) -> status_pb2.Status:
+    service = method.lstrip("/").split("/")[0].split(".")[1] if method.count(".") >= 2 else "called"
+    words, reason = _OWN_WORDS.get(code, ("internal error", "INTERNAL"))
+    if code not in _OWN_WORDS:
+        code = grpc.StatusCode.INTERNAL
+    return transcode.simple_status(code, words.format(service=service, method=method.rsplit("/", 1)[-1]), reason)
 
 
 def _trailer_status(exc: grpc.aio.AioRpcError) -> status_pb2.Status | None:
@@ -608,7 +629,7 @@ class Gateway:
             )
         except grpc.aio.AioRpcError as exc:
             exchange.span.set_attribute("rpc.grpc.status_code", exc.code().value[0])
-            raise Refused(_status_of(exc)) from None
+            raise Refused(_status_of(exc, route.full_method)) from None
 
     async def unary_or_stream(self, exchange: Exchange, route: Route, params: dict[str, str]) -> None:
         body = await self.read_json_body(exchange, route)
@@ -644,7 +665,7 @@ class Gateway:
             await exchange.send(
                 {
                     "type": "http.response.body",
-                    "body": _event("error", transcode.error_body(_status_of(exc))),
+                    "body": _event("error", transcode.error_body(_status_of(exc, route.full_method))),
                     "more_body": True,
                 }
             )

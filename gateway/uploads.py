@@ -157,7 +157,7 @@ async def handle(gateway: Gateway, exchange: Exchange) -> None:
             if stop.refused is None:
                 if not stop.complete:
                     exchange.close = True  # the service answered before the end: the rest stays unread
-                status = _status_of(exc)
+                status = _status_of(exc, METHOD)
                 if status.code == grpc.StatusCode.INTERNAL.value[0] and status.message == CORE_WRITE_ERROR:
                     status = await _ask_again(gateway, exchange, metadata)
                 raise Refused(status) from None
@@ -190,7 +190,7 @@ async def _ask_again(gateway: Gateway, exchange: Exchange, metadata: SVC.UploadF
         await gateway.calls[METHOD](only_metadata(), timeout=gateway.config.rpc_timeout_seconds,
                                     metadata=exchange.metadata())  # fmt: skip
     except grpc.aio.AioRpcError as exc:
-        status = _status_of(exc)
+        status = _status_of(exc, METHOD)
         reasons = [d for d in status.details if d.Is(error_details_pb2.ErrorInfo.DESCRIPTOR)]
         info = error_details_pb2.ErrorInfo()
         if reasons and reasons[0].Unpack(info) and info.reason != "FILE_SIZE_MISMATCH":

@@ -542,7 +542,10 @@ async def test_readyz_503_when_a_service_is_down(stack: dict[str, Running], clos
         assert services.pop(COMFYUI) == "UNAVAILABLE"
         assert services == {POINTS: "SERVING", WORKFLOWS: "SERVING"}
         assert (await broken.http.get("/healthz")).status_code == 200  # alive, just not ready
-        error_of(await broken.get("/v1/runs/r1"), 503, "UNAVAILABLE")
+        error = error_of(await broken.get("/v1/runs/r1"), 503, "UNAVAILABLE")
+        # In our words, never gRPC's ("failed to connect to all addresses; ... Connection refused").
+        assert error["message"] == "the comfyui service is not available; retry", error
+        assert error["details"][0]["reason"] == "DEPENDENCY_UNAVAILABLE", error
         await forwarded(await broken.get("/v1/accounts/alice"), f"/{POINTS}/GetAccount", calls)
 
 

@@ -218,11 +218,11 @@ async def test_when_grpc_loses_the_services_answer_the_metadata_is_asked_again(
     real = app._status_of
     lost = [True]
 
-    def losing(exc: Any) -> Any:  # the first answer is lost as grpc.aio loses it
+    def losing(exc: Any, method: str) -> Any:  # the first answer is lost as grpc.aio loses it
         if lost:
             lost.clear()
             return transcode.simple_status(app.grpc.StatusCode.INTERNAL, app.CORE_WRITE_ERROR, "X")
-        return real(exc)
+        return real(exc, method)
 
     monkeypatch.setattr(app, "_status_of", losing)
     response = await gw.http.post("/v1/uploads?user_id=not%20valid&filename=a.png", content=b"x" * 5000,
