@@ -16,9 +16,11 @@ export PYTHONPATH := $(CURDIR):$(CURDIR)/$(GEN)
 
 venv: $(STAMP)
 
-$(STAMP): requirements.txt requirements-dev.txt constraints.txt
+$(STAMP): requirements.txt requirements-dev.txt constraints.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt -c constraints.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
+	$(PY) -c 'import pathlib, sysconfig; pathlib.Path(sysconfig.get_paths()["purelib"], "stationthis-core.pth").write_text("$(CURDIR)\n$(CURDIR)/$(GEN)\n")'
 	@touch $@
 
 protos: $(GEN_STAMP)
