@@ -228,19 +228,9 @@ class Runs:
 
     async def create(self, request: svc.CreateRunRequest, context: grpc.aio.ServicerContext | None) -> S.Run:
         check = Violations()
-        check.user_id("user_id", request.user_id)
+        name = _check_target(check, request)
         if request.request_id:
             check.request_id(request.request_id)
-        which = request.WhichOneof("workflow")
-        name = (request.workflow_id if which == "workflow_id" else request.workflow_name).strip()
-        if not name:
-            check.add("workflow", "one of workflow_id or workflow_name is required")
-        elif len(name) > MAX_NAME:
-            check.add(which or "workflow", f"must be at most {MAX_NAME} characters")
-        if request.environment not in deployment_pb2.Environment.values():
-            check.add("environment", "is not a known environment")
-        if request.gpu not in gpu_pb2.GpuType.values():
-            check.add("gpu", "is not a known GPU type")
         _labels(check, request.labels)
         spec = self._spec(check, request.user_id, request.labels, request.gpu, request, request.callback_url, context)
         check.check()
@@ -409,17 +399,7 @@ class Runs:
     async def quote_run(self, request: svc.QuoteRunRequest, context: grpc.aio.ServicerContext | None
                         ) -> svc.QuoteRunResponse:  # fmt: skip
         check = Violations()
-        check.user_id("user_id", request.user_id)
-        which = request.WhichOneof("workflow")
-        name = (request.workflow_id if which == "workflow_id" else request.workflow_name).strip()
-        if not name:
-            check.add("workflow", "one of workflow_id or workflow_name is required")
-        elif len(name) > MAX_NAME:
-            check.add(which or "workflow", f"must be at most {MAX_NAME} characters")
-        if request.environment not in deployment_pb2.Environment.values():
-            check.add("environment", "is not a known environment")
-        if request.gpu not in gpu_pb2.GpuType.values():
-            check.add("gpu", "is not a known GPU type")
+        name = _check_target(check, request)
         check.check()
         try:
             resolved: workflows_service_pb2.ResolveWorkflowResponse = await self.workflows.ResolveWorkflow(
@@ -1191,6 +1171,22 @@ def _adapter(context: grpc.aio.ServicerContext | None) -> str:
         if key == ADAPTER_METADATA and isinstance(value, str):
             return value[:64]
     return ""
+
+
+def _check_target(check: Violations, request: svc.CreateRunRequest | svc.QuoteRunRequest) -> str:
+    """The user, workflow (by id or name), environment and GPU a run or a quote names; the name."""
+    check.user_id("user_id", request.user_id)
+    which = request.WhichOneof("workflow")
+    name = (request.workflow_id if which == "workflow_id" else request.workflow_name).strip()
+    if not name:
+        check.add("workflow", "one of workflow_id or workflow_name is required")
+    elif len(name) > MAX_NAME:
+        check.add(which or "workflow", f"must be at most {MAX_NAME} characters")
+    if request.environment not in deployment_pb2.Environment.values():
+        check.add("environment", "is not a known environment")
+    if request.gpu not in gpu_pb2.GpuType.values():
+        check.add("gpu", "is not a known GPU type")
+    return name
 
 
 def _run_id(check: Violations, run_id: str) -> None:
