@@ -28,7 +28,7 @@ from stationthis.comfyui.v1 import comfyui_service_pb2 as svc
 from stationthis.comfyui.v1 import run_pb2 as R
 from stationthis.points.v1 import points_pb2 as pt
 from stationthis.type.v1 import gpu_pb2
-from tests.runs_helpers import System, ensure_points, open_system
+from tests.runs_helpers import System, ensure_points, open_system, stop_surely
 from tests.support import expect_failure
 
 COMFYUI = "comfyui.stationthis.dev"
@@ -158,6 +158,24 @@ async def test_cancel_after_cancels_upstream_and_refunds_in_full(system: System)
     assert ended.status == R.RUN_STATUS_CANCELLED and ended.error.metadata["source"] == "cancel_after", ended
     assert ended.receipt.rule == R.SETTLEMENT_RULE_DEADLINE_REFUNDED
     assert ended.receipt.points_refunded == ended.points_held and ended.receipt.points_charged == 0
+    upstream = [r for r in await system.emulator.runs() if r["id"] == ended.upstream_run_id]
+    assert [r["status"] for r in upstream] == ["cancelled"]
+    after = await system.account()
+    assert (after.points_used, after.points_held) == (before.points_used, 0)
+
+
+async def test_a_deadline_passed_while_no_replica_ran_is_enforced_after_the_restart(system: System) -> None:
+    before = await system.account()
+    await system.emulator.set_faults(next_run_outcomes=["stuck"])
+    run = await system.create(cancel_after=seconds(1.5))
+    await system.wait(run.run_id, (R.RUN_STATUS_RUNNING,), settled=False)
+    await stop_surely(system.comfyui[0])  # the only replica goes away with the run upstream
+    await asyncio.sleep(2.0)  # the deadline passes while nobody is there to see it
+    assert [r["status"] for r in await system.emulator.runs() if r["status"] == "running"] == ["running"]
+    system.comfyui[0] = await system.start_comfyui()  # a new replica: its reconciler finds the run
+    ended = await system.wait(run.run_id, within=30)
+    assert ended.status == R.RUN_STATUS_CANCELLED and ended.error.metadata["source"] == "cancel_after", ended
+    assert ended.receipt.rule == R.SETTLEMENT_RULE_DEADLINE_REFUNDED and ended.receipt.points_charged == 0
     upstream = [r for r in await system.emulator.runs() if r["id"] == ended.upstream_run_id]
     assert [r["status"] for r in upstream] == ["cancelled"]
     after = await system.account()
