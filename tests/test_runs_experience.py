@@ -18,16 +18,18 @@ from typing import Any
 import grpc
 import pytest
 import uvicorn
-from google.protobuf import duration_pb2
+from google.protobuf import duration_pb2, json_format
 from standardwebhooks.webhooks import Webhook
 
 from devtools.redis_server import free_port
+from emulator.testing import DEPLOYMENTS, WORKFLOWS
 from services.comfyui.config import ComfyUIConfig
 from services.comfyui.server import build as build_comfyui
 from stationthis.comfyui.v1 import comfyui_service_pb2 as svc
 from stationthis.comfyui.v1 import run_pb2 as R
 from stationthis.points.v1 import points_pb2 as pt
 from stationthis.type.v1 import gpu_pb2
+from stationthis.workflows.v1 import workflow_pb2, workflows_service_pb2, workflows_service_pb2_grpc
 from tests.runs_helpers import System, ensure_points, open_system, stop_surely
 from tests.support import expect_failure
 
@@ -218,6 +220,88 @@ async def test_a_reroll_starts_from_the_snapshot_with_a_new_seed(system: System)
     assert edited.inputs["input_prompt"] == "a dog astronaut" and edited.inputs["input_seed"] == seed
     for run in (rerolled, kept, edited):
         assert (await system.wait(run.run_id)).status == R.RUN_STATUS_SUCCESS
+
+
+OLD_DEFAULTS = {"input_cfg": 7.0, "input_negative": "blurry, lowres, watermark, text", "input_width": 1024}
+NEW_DEFAULTS = {"input_cfg": 4.5, "input_negative": "oversaturated, jpeg artifacts", "input_width": 768}
+
+
+async def _change_defaults_upstream(system: System, defaults: dict[str, Any]) -> str:
+    """What a ComfyUI Deploy user does: save a new version of text2img whose external input nodes
+    have other default_values, and point the production deployment at it. Its id."""
+    async with system.emulator.client() as api:
+        deployment = (await api.get(f"/deployment/{DEPLOYMENTS['text2img']}")).json()
+        current = (await api.get(f"/workflow-version/{deployment['workflow_version_id']}")).json()
+        graph = json.loads(json.dumps(current["workflow_api"]))
+        changed = set()
+        for node in graph.values():
+            input_id = node["inputs"].get("input_id")
+            if isinstance(input_id, str) and input_id in defaults:
+                node["inputs"]["default_value"] = defaults[input_id]
+                changed.add(input_id)
+        assert changed == set(defaults), changed
+        created = await api.post(f"/workflow/{WORKFLOWS['text2img']}/version",
+                                 json={"workflow": current["workflow"], "workflow_api": graph,
+                                       "comment": "new defaults"})  # fmt: skip
+        assert created.status_code == 200, created.text
+        version_id: str = created.json()["id"]
+        moved = await api.patch(f"/deployment/{DEPLOYMENTS['text2img']}", json={"workflow_version_id": version_id})
+        assert moved.status_code == 200 and moved.json()["workflow_version_id"] == version_id, moved.text
+        return version_id
+
+
+def _defaults(workflow: workflow_pb2.Workflow) -> dict[str, Any]:
+    return {i.input_id: json_format.MessageToDict(i.default_value) for i in workflow.inputs
+            if i.HasField("default_value")}  # fmt: skip
+
+
+async def test_todays_catalog_defaults_never_leak_into_a_reroll(system: System) -> None:
+    await ensure_points(system, "alice")
+    original = await finished(system, inputs={"input_prompt": "a cat astronaut"})  # the rest defaulted
+    assert original.status == R.RUN_STATUS_SUCCESS, original
+    assert {k: original.inputs[k] for k in OLD_DEFAULTS} == OLD_DEFAULTS  # stored in the snapshot
+    sent = {r["id"]: r for r in await system.emulator.runs()}[original.upstream_run_id]["workflow_inputs"]
+    assert {k: sent[k] for k in OLD_DEFAULTS} == OLD_DEFAULTS
+    # Upstream, the defaults change; the catalog, refreshed, now says so.
+    version_id = await _change_defaults_upstream(system, NEW_DEFAULTS)
+    assert version_id != original.workflow_version_id
+    catalog = workflows_service_pb2_grpc.WorkflowsServiceStub(system.workflows.channel)
+    await catalog.RefreshCatalog(workflows_service_pb2.RefreshCatalogRequest(), timeout=30)
+    production = workflows_service_pb2.GetWorkflowRequest(
+        workflow_id=original.workflow_id, environment=workflow_pb2.ENVIRONMENT_PRODUCTION
+    )
+    got = (await catalog.GetWorkflow(production, timeout=10)).workflow
+    resolved = await catalog.ResolveWorkflow(workflows_service_pb2.ResolveWorkflowRequest(name="text2img"), timeout=10)
+    assert resolved.deployment.deployment_id == original.deployment_id
+    for workflow in (got, resolved.workflow):
+        today = _defaults(workflow)
+        assert {k: today[k] for k in NEW_DEFAULTS} == NEW_DEFAULTS, today
+    # Re-rolls (plain, and with another input edited) keep the snapshot's defaults...
+    edit = svc.RegenerateRunRequest(run_id=original.run_id)
+    edit.input_overrides.update({"input_steps": 12})
+    rerolls = [(await system.runs.RegenerateRun(request, timeout=30)).run
+               for request in (svc.RegenerateRunRequest(run_id=original.run_id), edit)]  # fmt: skip
+    # ... while a new run takes today's.
+    fresh = await system.create(inputs={"input_prompt": "a cat astronaut"})
+    assert {k: fresh.inputs[k] for k in NEW_DEFAULTS} == NEW_DEFAULTS, fresh.inputs
+    assert fresh.workflow_version_id == version_id
+    done = {run.run_id: await system.wait(run.run_id) for run in (*rerolls, fresh)}
+    upstream = {r["id"]: r for r in await system.emulator.runs()}
+    for run in rerolls:
+        ended = done[run.run_id]
+        assert ended.status == R.RUN_STATUS_SUCCESS and ended.regenerated_from == original.run_id, ended
+        # The deployment runs its new version now (with the snapshot's inputs): the record says so.
+        assert ended.workflow_version_id == upstream[ended.upstream_run_id]["workflow_version_id"] == version_id
+        sent = upstream[ended.upstream_run_id]["workflow_inputs"]
+        for inputs in (dict(ended.inputs), sent):
+            assert {k: inputs[k] for k in OLD_DEFAULTS} == OLD_DEFAULTS, inputs
+            assert inputs["input_prompt"] == "a cat astronaut" and inputs["input_seed"] != original.inputs["input_seed"]
+    assert done[rerolls[0].run_id].inputs["input_steps"] == original.inputs["input_steps"] == 20
+    assert done[rerolls[1].run_id].inputs["input_steps"] == 12
+    assert upstream[done[rerolls[1].run_id].upstream_run_id]["workflow_inputs"]["input_steps"] == 12
+    assert done[fresh.run_id].status == R.RUN_STATUS_SUCCESS
+    sent = upstream[done[fresh.run_id].upstream_run_id]["workflow_inputs"]
+    assert {k: sent[k] for k in NEW_DEFAULTS} == NEW_DEFAULTS, sent
 
 
 async def test_reroll_overrides_are_validated_like_any_run(system: System) -> None:
