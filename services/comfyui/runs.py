@@ -463,8 +463,11 @@ class Runs:
             deployment.deployment_id = original.deployment_id
             deployment.machine_id = original.machine_id
             deployment.gpu = original.gpu
-            return Target(found.workflow, deployment, found.inputs, original.workflow_version_id or
-                          found.workflow_version_id)  # fmt: skip
+            # The version the deployment runs today when the catalog knows it (a deployment moved to a
+            # new version runs that graph, with the snapshot's inputs); else the snapshot's.
+            same = found.deployment.deployment_id == original.deployment_id and found.workflow_version_id
+            version = found.workflow_version_id if same else original.workflow_version_id
+            return Target(found.workflow, deployment, found.inputs, version or found.workflow_version_id)
 
         return await self._claimed("RegenerateRun", request.request_id, request, spec, target, context)
 
