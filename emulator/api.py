@@ -49,6 +49,7 @@ SHARE_ENVIRONMENTS = ("public-share", "community-share")
 CANCEL_ERROR = "Error cancel function 404: Run not found or has no modal function call ID"
 WORKFLOW_NOT_FOUND = "Workflow not found or you don't have access to it"
 VERSION_NOT_FOUND = "Workflow version not found or you don't have access to it"
+SPEAKEASY_AGENT = "speakeasy-sdk/"
 
 
 class ApiError(Exception):
@@ -222,13 +223,26 @@ def _readable_run(emu: Emulator, tenant: Tenant, run_id: str) -> Run:
     raise ApiError(403, "You are not authorized to access this resource")
 
 
+def speakeasy_sdk(request: Request) -> bool:
+    """Whether the caller is a Speakeasy-generated SDK (the official ``comfydeploy`` Python/TS SDKs),
+    known by the user agent they always send."""
+    agents = (request.headers.get("user-agent", ""), request.headers.get("x-speakeasy-user-agent", ""))
+    return any(SPEAKEASY_AGENT in agent for agent in agents)
+
+
 def _run_response(request: Request, run_id: str) -> Response:
     emu = _emu(request)
     run = _readable_run(emu, _tenant(request), run_id)
     position = None
     if query_bool(request, "queue_position", False) and run.status in ("not-started", "queued"):
         position = emu.engine.queue_position(run)
-    return JSONResponse(views.run(run, position))
+    body = views.run(run, position)
+    if speakeasy_sdk(request):
+        # Tolerance, not upstream: V2 no longer returns `workflow_api` (§2.2), but the official SDK's
+        # WorkflowRunModel (comfydeploy 0.7.0, from an older spec) declares it required-nullable and fails
+        # to parse the run without it. The SDK alone gets it, null: the graph itself is still not returned.
+        body["workflow_api"] = None
+    return JSONResponse(body)
 
 
 async def get_run(request: Request) -> Response:
