@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import asyncio
 import tempfile
-from collections.abc import AsyncIterator
-from typing import IO, TYPE_CHECKING, Any
+from collections.abc import AsyncIterator, Mapping
+from typing import IO, Any, Protocol
 
 import grpc
 from google.rpc import error_details_pb2
@@ -35,9 +35,19 @@ from common.errors import FieldViolation
 from stationthis.comfyui.v1 import comfyui_service_pb2
 
 from . import jsonmap, transcode
+from .config import GatewayConfig
+from .exchange import CORE_WRITE_ERROR, Exchange, Refused, refusal, status_of, too_large
 
-if TYPE_CHECKING:
-    from .app import Exchange, Gateway
+
+class Backend(Protocol):
+    """What the uploads route needs of the gateway: its stubs by method, and its settings."""
+
+    @property
+    def calls(self) -> Mapping[str, Any]: ...
+
+    @property
+    def config(self) -> GatewayConfig: ...
+
 
 SVC = comfyui_service_pb2
 METHOD = "/stationthis.comfyui.v1.ComfyUIService/UploadFile"
@@ -50,7 +60,6 @@ SPOOL_MEMORY_BYTES = 1 << 20
 
 
 def _bad(field: str, description: str) -> Any:
-    from .app import Refused
 
     return Refused(transcode.invalid([FieldViolation(field, description)]))
 
@@ -69,15 +78,11 @@ async def _receive(exchange: Exchange, pause: float, stop: _Stop) -> bytes | Non
         async with asyncio.timeout(pause):
             message = await exchange.receive()
     except TimeoutError:
-        from .app import refusal
-
         stop.refused = refusal(
             grpc.StatusCode.DEADLINE_EXCEEDED, "the upload paused for too long", "REQUEST_TIMEOUT", 408
         )
         return None
     if message["type"] == "http.disconnect":
-        from .app import refusal
-
         stop.refused = refusal(grpc.StatusCode.CANCELLED, "the client went away", "CLIENT_CLOSED_REQUEST")
         return None
     body: bytes = message.get("body", b"")
@@ -86,8 +91,7 @@ async def _receive(exchange: Exchange, pause: float, stop: _Stop) -> bytes | Non
     return body
 
 
-async def handle(gateway: Gateway, exchange: Exchange) -> None:
-    from .app import CORE_WRITE_ERROR, Refused, _status_of, refusal, too_large
+async def handle(gateway: Backend, exchange: Exchange) -> None:
 
     config = gateway.config
     limit = config.max_upload_bytes
@@ -157,7 +161,7 @@ async def handle(gateway: Gateway, exchange: Exchange) -> None:
             if stop.refused is None:
                 if not stop.complete:
                     exchange.close = True  # the service answered before the end: the rest stays unread
-                status = _status_of(exc, METHOD)
+                status = status_of(exc, METHOD)
                 if status.code == grpc.StatusCode.INTERNAL.value[0] and status.message == CORE_WRITE_ERROR:
                     status = await _ask_again(gateway, exchange, metadata)
                 raise Refused(status) from None
@@ -171,7 +175,7 @@ async def handle(gateway: Gateway, exchange: Exchange) -> None:
     await exchange.answer(200, jsonmap.dumps(jsonmap.to_dict(reply)))
 
 
-async def _ask_again(gateway: Gateway, exchange: Exchange, metadata: SVC.UploadFileMetadata) -> Any:
+async def _ask_again(gateway: Backend, exchange: Exchange, metadata: SVC.UploadFileMetadata) -> Any:
     """The service's answer to the metadata alone, when grpc.aio lost its answer to the upload.
 
     A service that refuses an upload on its metadata does so while the bytes are still being sent,
@@ -181,7 +185,6 @@ async def _ask_again(gateway: Gateway, exchange: Exchange, metadata: SVC.UploadF
     expected complaint about the missing bytes means the first refusal was about something else,
     which is lost, and the client is told to retry.
     """
-    from .app import _status_of
 
     async def only_metadata() -> AsyncIterator[SVC.UploadFileRequest]:
         yield SVC.UploadFileRequest(metadata=metadata)
@@ -190,7 +193,7 @@ async def _ask_again(gateway: Gateway, exchange: Exchange, metadata: SVC.UploadF
         await gateway.calls[METHOD](only_metadata(), timeout=gateway.config.rpc_timeout_seconds,
                                     metadata=exchange.metadata())  # fmt: skip
     except grpc.aio.AioRpcError as exc:
-        status = _status_of(exc, METHOD)
+        status = status_of(exc, METHOD)
         reasons = [d for d in status.details if d.Is(error_details_pb2.ErrorInfo.DESCRIPTOR)]
         info = error_details_pb2.ErrorInfo()
         if reasons and reasons[0].Unpack(info) and info.reason != "FILE_SIZE_MISMATCH":
@@ -227,7 +230,6 @@ async def _read_multipart(
     exchange: Exchange, content_type: str, limit: int, pause: float
 ) -> tuple[dict[str, str], IO[bytes], int, str, str]:
     """(fields, the spooled file, its size, its type, its name) of a multipart body, read to its end."""
-    from .app import too_large
 
     _, options = parse_options_header(content_type)
     boundary = options.get(b"boundary")

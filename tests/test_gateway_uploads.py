@@ -213,18 +213,18 @@ async def test_a_refusal_that_races_the_upload_is_still_the_services_answer(gw: 
 async def test_when_grpc_loses_the_services_answer_the_metadata_is_asked_again(
     gw: RunningGateway, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from gateway import app, transcode
+    from gateway import exchange, transcode, uploads
 
-    real = app._status_of
+    real = exchange.status_of
     lost = [True]
 
     def losing(exc: Any, method: str) -> Any:  # the first answer is lost as grpc.aio loses it
         if lost:
             lost.clear()
-            return transcode.simple_status(app.grpc.StatusCode.INTERNAL, app.CORE_WRITE_ERROR, "X")
+            return transcode.simple_status(exchange.grpc.StatusCode.INTERNAL, exchange.CORE_WRITE_ERROR, "X")
         return real(exc, method)
 
-    monkeypatch.setattr(app, "_status_of", losing)
+    monkeypatch.setattr(uploads, "status_of", losing)
     response = await gw.http.post("/v1/uploads?user_id=not%20valid&filename=a.png", content=b"x" * 5000,
                                   headers={"X-API-Key": KEYS[0], "Content-Type": "image/png"})  # fmt: skip
     error = error_of(response, 400, "INVALID_ARGUMENT")
