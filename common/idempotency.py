@@ -10,19 +10,21 @@ nothing; the same id with other parameters is INVALID_ARGUMENT ``REQUEST_ID_REUS
 * ``RequestIds`` keeps the record in Redis for services whose state is not already in a Lua script
   (the points ledger checks fingerprints inside its own script, atomically with the mutation).
   ``claim`` binds an id to a value in one atomic step (first writer wins, the others read the
-  winner's value), so two concurrent requests with one id can never both act.
+  winner's value), so two concurrent requests with one id can never both act. Redis not answering
+  is UNAVAILABLE (``STORE_UNAVAILABLE``: retry with the same request_id), never an INTERNAL error.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
+import redis.exceptions
 from google.protobuf.message import Message
 
-from .errors import FieldViolation, InvalidArgument
+from .errors import FieldViolation, InvalidArgument, Unavailable
 
 M = TypeVar("M", bound=Message)
 DEFAULT_TTL_SECONDS = 86_400
@@ -81,19 +83,19 @@ class RequestIds:
     async def claim(self, rpc: str, request_id: str, fp: str, value: bytes) -> bytes | None:
         """Bind ``request_id`` to ``value``: None when this call bound it, else the value bound
         first by a request with the same parameters; REQUEST_ID_REUSED for other parameters."""
-        stored = await self._claim(keys=[self.key(rpc, request_id)], args=[fp, value, self.ttl_seconds])
+        stored = await _answered(self._claim(keys=[self.key(rpc, request_id)], args=[fp, value, self.ttl_seconds]))
         if stored is None:
             return None
         return self._check(request_id, fp, stored)
 
     async def lookup(self, rpc: str, request_id: str, fp: str) -> bytes | None:
         """The value bound to ``request_id`` (same parameters), None if unbound."""
-        stored = await self.redis.get(self.key(rpc, request_id))
+        stored = await _answered(self.redis.get(self.key(rpc, request_id)))
         return None if stored is None else self._check(request_id, fp, stored)
 
     async def release(self, rpc: str, request_id: str) -> None:
         """Forget a claim whose request failed, so the caller may retry with the same id."""
-        await self.redis.delete(self.key(rpc, request_id))
+        await _answered(self.redis.delete(self.key(rpc, request_id)))
 
     async def once(self, rpc: str, request_id: str, fp: str, response: M) -> M:
         """Remember ``response`` as the answer to ``request_id`` unless one is remembered already;
@@ -113,3 +115,13 @@ class RequestIds:
         if given.decode() != fp:
             raise request_id_reused(request_id)
         return value
+
+
+async def _answered(call: Awaitable[Any]) -> Any:
+    """The reply of a Redis call; UNAVAILABLE if Redis does not answer (down, restarting, timed out)."""
+    try:
+        return await call
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+        raise Unavailable(
+            "the request id store did not answer; retry with the same request_id", reason="STORE_UNAVAILABLE"
+        ) from exc

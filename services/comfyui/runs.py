@@ -105,6 +105,7 @@ _RELEASE_REASONS = {
     S.RUN_STATUS_CANCELLED: points_pb2.RELEASE_REASON_RUN_CANCELLED,
 }
 _SUBMIT_REASONS = frozenset({"SUBMIT_FAILED", "SUBMIT_OUTCOME_UNKNOWN"})
+_RESUBMIT_MS = 5_000  # a run not sent yet (or provably not received) is sent (again) this much later
 # Client errors that prove the queue request never reached upstream: it may be sent again later.
 _NOT_SENT = (upstream_errors.UpstreamUnavailable, upstream_errors.RateLimited, upstream_errors.DeadlineExceeded)
 
@@ -117,6 +118,15 @@ class Target:
     deployment: workflows_pb2.WorkflowDeployment
     inputs: struct_pb2.Struct
     workflow_version_id: str
+
+
+@dataclass
+class _Attempt:
+    """How far one CreateRun (or RegenerateRun) got. Once the run's hold is taken, a failure leaves
+    the run (the reconciler submits it, or ends it and gives the hold back) and keeps its request_id
+    bound to it: a retry then returns that run instead of making a second one, held and charged again."""
+
+    held: bool = False
 
 
 @dataclass(frozen=True)
@@ -284,8 +294,9 @@ class Runs:
                 if found is not None:
                     return found.run  # a repeat: the same run, as it is now
                 run_id = prior.decode()  # the first attempt died before storing its run: carry it on
+        attempt = _Attempt()
         try:
-            return await self._create(spec, run_id, target, context)
+            return await self._create(spec, run_id, target, context, attempt)
         except Conflict:
             # A concurrent call with the same request_id stored the run first (its claim's run_id, which
             # this call took for a died attempt's): that call goes on with it; this one returns it as it
@@ -295,7 +306,7 @@ class Runs:
                 raise Unavailable("the run is being created; retry", reason="STORE_UNAVAILABLE") from None
             return found.run
         except BaseException:
-            if request_id:
+            if request_id and not attempt.held:
                 with contextlib.suppress(DomainError):
                     await self.ids.release(rpc, claim_key)
             raise
@@ -306,6 +317,7 @@ class Runs:
         run_id: str,
         target: Callable[[], Awaitable[Target]],
         context: grpc.aio.ServicerContext | None,
+        attempt: _Attempt,
     ) -> S.Run:
         now = self.now_ms()
         run = S.Run(run_id=run_id, user_id=spec.user_id, status=S.RUN_STATUS_PENDING, labels=spec.labels,
@@ -328,6 +340,7 @@ class Runs:
             record.run.quoted_points = quote.cost_points
             record = await self.store.write(Write(record))
             hold = await self._hold(record.run, context)
+            attempt.held = True
         except BaseException:
             with contextlib.suppress(DomainError):
                 await self.store.delete(record)
@@ -348,7 +361,11 @@ class Runs:
         state.estimate(run, _median(quote.durations), now)
         run.update_time.CopyFrom(timestamp_from_ms(now))
         record = await self.store.write(Write(record, state.event(run, E.RUN_EVENT_TYPE_STATUS_CHANGED)))
-        await self.store.schedule(run_id, self._due(run, now + int(self.settings.submit_grace_seconds * 1000)))
+        # The reconciler sends it if the task below cannot (Redis failing before the run is marked
+        # sent, a crash); marked sent, the run gets its grace instead (submit). Not written, the run
+        # keeps the look-again time it was created with.
+        with contextlib.suppress(DomainError):
+            await self.store.schedule(run_id, self._due(run, now + _RESUBMIT_MS))
         await self._notify(record)
         self.spawn(self.submit(run_id), f"submit {run_id}")
         return record.run
@@ -486,7 +503,11 @@ class Runs:
         record, started = await self.store.update(run_id, start)
         if not started:
             return
-        await self.store.schedule(run_id, now + int(self.settings.submit_grace_seconds * 1000))
+        # Marked sent, it must now go out: a run marked sent and never sent can only end
+        # SUBMIT_OUTCOME_UNKNOWN. If Redis does not take this look-again time, the run keeps the one
+        # it has (CreateRun's or the reconciler's), and the reconciler gives a sent run its grace.
+        with contextlib.suppress(DomainError):
+            await self.store.schedule(run_id, now + int(self.settings.submit_grace_seconds * 1000))
         run = record.run
         gpu = GPU_NAMES.get(record.gpu_override) if record.gpu_override else None
         try:
@@ -535,7 +556,7 @@ class Runs:
             return Write(current)
 
         await self.store.update(run_id, unsend)
-        await self.store.schedule(run_id, self.now_ms() + 5_000)
+        await self.store.schedule(run_id, self.now_ms() + _RESUBMIT_MS)
 
     async def adopt(self, run_id: str, upstream_run_id: str) -> Record:
         """The upstream run ``upstream_run_id`` is ours: record it (once) and move the run on."""
