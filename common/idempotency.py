@@ -21,10 +21,10 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
-import redis.exceptions
 from google.protobuf.message import Message
 
-from .errors import FieldViolation, InvalidArgument, Unavailable
+from .errors import FieldViolation, InvalidArgument
+from .redis_client import answered
 
 M = TypeVar("M", bound=Message)
 DEFAULT_TTL_SECONDS = 86_400
@@ -118,10 +118,4 @@ class RequestIds:
 
 
 async def _answered(call: Awaitable[Any]) -> Any:
-    """The reply of a Redis call; UNAVAILABLE if Redis does not answer (down, restarting, timed out)."""
-    try:
-        return await call
-    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-        raise Unavailable(
-            "the request id store did not answer; retry with the same request_id", reason="STORE_UNAVAILABLE"
-        ) from exc
+    return await answered(call, "the request id store did not answer; retry with the same request_id")

@@ -9,7 +9,26 @@ time below ``block_seconds``.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
+from typing import TypeVar
+
 import redis.asyncio as aioredis
+import redis.exceptions
+
+from .errors import Unavailable
+
+T = TypeVar("T")
+# What Redis not answering raises: down, restarting or timed out (redis-py's errors are not OSErrors).
+UNANSWERED = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
+
+
+async def answered(call: Awaitable[T], message: str) -> T:
+    """The reply of a Redis call, or UNAVAILABLE ``STORE_UNAVAILABLE`` with ``message`` when Redis
+    does not answer (the caller retries with the same request id)."""
+    try:
+        return await call
+    except UNANSWERED as exc:
+        raise Unavailable(message, reason="STORE_UNAVAILABLE") from exc
 
 
 def connect(url: str, timeout: float = 2.0, max_connections: int = 64) -> aioredis.Redis:

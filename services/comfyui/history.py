@@ -12,12 +12,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
-import redis.exceptions
 
 from common.errors import Unavailable
+from common.redis_client import UNANSWERED, answered
 
-# What Redis not answering raises (redis-py's errors are not OSErrors).
-_UNANSWERED = (OSError, redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+UNANSWERED_HISTORY = "the run history did not answer"
 
 
 def durations_key(workflow_id: str, gpu: int) -> str:
@@ -61,12 +60,9 @@ class History:
                 pipe.lpush(key, f"{seconds:.3f}")
                 pipe.ltrim(key, 0, self.window - 1)
                 await pipe.execute()
-        except _UNANSWERED as exc:  # the history is a hint: losing one sample is not an error
-            raise Unavailable("the run history did not answer", reason="STORE_UNAVAILABLE") from exc
+        except UNANSWERED as exc:  # the history is a hint: losing one sample is not an error
+            raise Unavailable(UNANSWERED_HISTORY, reason="STORE_UNAVAILABLE") from exc
 
     async def durations(self, workflow_id: str, gpu: int) -> Durations:
-        try:
-            raw = await self.redis.lrange(durations_key(workflow_id, gpu), 0, self.window - 1)
-        except _UNANSWERED as exc:
-            raise Unavailable("the run history did not answer", reason="STORE_UNAVAILABLE") from exc
+        raw = await answered(self.redis.lrange(durations_key(workflow_id, gpu), 0, self.window - 1), UNANSWERED_HISTORY)
         return Durations(tuple(float(value) for value in raw))

@@ -26,11 +26,11 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import redis.asyncio as aioredis
-import redis.exceptions
 from opentelemetry import trace
 from opentelemetry.instrumentation.utils import suppress_instrumentation
 
 from common.errors import NotFound, Unavailable
+from common.redis_client import answered
 from stationthis.comfyui.v1 import run_pb2
 
 ACTIVE = "runs:active"
@@ -194,10 +194,7 @@ class RedisRunStore:
         self._tracer = trace.get_tracer("stationthis.comfyui.store")
 
     async def _guard(self, call: Awaitable[object]) -> object:
-        try:
-            return await call
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-            raise Unavailable("the run store did not answer; retry", reason="STORE_UNAVAILABLE") from exc
+        return await answered(call, "the run store did not answer; retry")
 
     # --- one run ----------------------------------------------------------------------------------
 

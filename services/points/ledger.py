@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar, get_type_hints
 
 import redis.asyncio as aioredis
-import redis.exceptions
 from opentelemetry import trace
 from opentelemetry.instrumentation.utils import suppress_instrumentation
 
@@ -49,6 +48,7 @@ from common.errors import (
     Unavailable,
 )
 from common.idempotency import request_id_reused
+from common.redis_client import answered
 
 from .economy import Economy
 from .store import Account, AccountResult, Hold, HoldResult, Transaction, TransactionPage, TransferResult
@@ -331,12 +331,7 @@ class RedisLedger:
             span.end()
 
     async def _unavailable_guard(self, call: Awaitable[Any]) -> Any:
-        try:
-            return await call
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-            raise Unavailable(
-                "the points store did not answer; retry with the same request_id", reason="STORE_UNAVAILABLE"
-            ) from exc
+        return await answered(call, "the points store did not answer; retry with the same request_id")
 
     @staticmethod
     def _idem(user_id: str, rpc: str, request_id: str) -> str:
