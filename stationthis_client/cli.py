@@ -528,7 +528,14 @@ class Make:
         kwargs: dict[str, Any] = {"request_id": f"cli-{uuid.uuid4()}"}
         if self.cancel_after is not None:
             kwargs["cancel_after"] = self.cancel_after
-        created = await client.create(self.user, spec.name, inputs, **kwargs)
+        try:
+            created = await client.create(self.user, spec.name, inputs, **kwargs)
+        except asyncio.CancelledError:  # Ctrl-C while the run was being created: say what may be left
+            fail(
+                EXIT_INTERRUPTED,
+                f"interrupted while the run was being created; it may have started: `stationthis runs {self.user}` "
+                "lists it and `stationthis cancel RUN` cancels it",
+            )
         self.say(f"run {created.run_id} started ({created.points_held} points held)")
         final = await Follow(client, created, self.options).watch()
         await self.report(final)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
 import httpx
 import pytest
 
@@ -433,6 +434,46 @@ async def test_ctrl_c_outside_make_exits_130_quietly() -> None:
         server.close()
     assert process.returncode == 130, (out, err)
     assert out == b"" and err == b"", (out, err)
+
+
+async def test_ctrl_c_while_the_run_is_created_says_it_may_have_started(system: System) -> None:
+    """A comfyui service that quotes but never answers CreateRun: Ctrl-C then tells the user where to
+    look for the run that may exist, in one line, exit 130."""
+    from stationthis.comfyui.v1 import comfyui_service_pb2_grpc
+
+    creating = asyncio.Event()
+
+    class Stalling(comfyui_service_pb2_grpc.ComfyUIServiceServicer):
+        async def QuoteRun(self, request: Any, context: Any) -> svc.QuoteRunResponse:
+            return svc.QuoteRunResponse(cost_points=3, affordable=True, available_points=370, basis="default")
+
+        async def CreateRun(self, request: Any, context: Any) -> svc.CreateRunResponse:
+            creating.set()
+            await asyncio.Event().wait()
+            raise AssertionError("unreachable")
+
+    server = grpc.aio.server()
+    comfyui_service_pb2_grpc.add_ComfyUIServiceServicer_to_server(Stalling(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    env = cli_env(system, COMFYUI_SERVICE_ADDR=f"127.0.0.1:{port}")
+    process = await asyncio.create_subprocess_exec(
+        PYTHON, *CLI, "make", "a cat astronaut", "--user", "42", env=env, stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        await asyncio.wait_for(creating.wait(), 30)
+        process.send_signal(signal.SIGINT)
+        out, err = await asyncio.wait_for(process.communicate(), 20)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        await server.stop(0)
+    result = Result(process.returncode, out.decode(), err.decode())
+    assert result.code == 130, result
+    line = result.one_error_line()
+    assert "may have started" in line and "stationthis runs 42" in line, line
 
 
 async def test_a_run_that_fails_exits_6_with_its_refund(system: System) -> None:
