@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import signal
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -30,6 +29,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from . import telemetry
+from .backoff import backoff_delay
 from .channels import SERVER_KEEPALIVE_OPTIONS
 from .config import ServerConfig
 from .errors import DomainError
@@ -102,7 +102,7 @@ async def supervise(task: Background, sleep: Callable[[float], Awaitable[None]] 
         except Exception as exc:
             if time.monotonic() - started >= task.max_backoff:
                 failures = 0  # it ran well for a while: this is a new incident
-            delay = random.uniform(0, min(task.max_backoff, task.min_backoff * 2**failures))  # noqa: S311 (jitter)
+            delay = backoff_delay(failures, task.min_backoff, task.max_backoff)
             failures += 1
             extra = {"task": task.name, "restarts": failures, "delay_seconds": round(delay, 3)}
             if isinstance(exc, DomainError):  # an expected failure (a dependency is down): no traceback

@@ -17,7 +17,6 @@ import abc
 import asyncio
 import contextlib
 import logging
-import random
 import uuid
 from collections.abc import AsyncGenerator, Callable, Mapping
 from datetime import timedelta
@@ -26,6 +25,7 @@ from typing import Any, TypeVar
 
 from google.protobuf.message import Message
 
+from common.backoff import backoff_delay
 from stationthis.comfyui.v1 import comfyui_service_pb2 as svc
 from stationthis.comfyui.v1 import run_pb2
 from stationthis.points.v1 import points_pb2
@@ -68,7 +68,7 @@ def new_request_id() -> str:
 
 def backoff(attempt: int, base: float = BACKOFF_BASE, cap: float = BACKOFF_CAP) -> float:
     """Capped exponential backoff with full jitter: attempt 0 waits up to ``base`` seconds."""
-    return random.uniform(0.0, min(cap, base * (2**attempt)))  # noqa: S311 - jitter, not a secret
+    return backoff_delay(attempt, base, cap)
 
 
 def set_inputs(request: Message, inputs: Mapping[str, Any] | None, field: str = "inputs") -> None:

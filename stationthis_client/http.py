@@ -36,6 +36,7 @@ from google.api import annotations_pb2
 from google.protobuf import descriptor, json_format
 from google.protobuf.message import Message
 
+from common.backoff import parse_retry_after
 from stationthis.comfyui.v1 import comfyui_service_pb2 as svc
 from stationthis.points.v1 import points_service_pb2 as pts
 from stationthis.workflows.v1 import workflows_service_pb2 as wfs
@@ -114,13 +115,7 @@ def _text(value: Any) -> str:
 
 
 def _retry_after(response: httpx.Response) -> float | None:
-    raw = response.headers.get("retry-after")
-    if raw is None:
-        return None
-    try:
-        return max(0.0, float(raw))
-    except ValueError:
-        return None  # an HTTP date: not what the gateway sends
+    return parse_retry_after(response.headers.get("retry-after"))
 
 
 def _error_of(response: httpx.Response, body: bytes) -> StationThisError:
