@@ -7,6 +7,8 @@ UPPER_SNAKE, and for bad input a ``BadRequest`` with one field violation per bad
 
 from __future__ import annotations
 
+import base64
+import binascii
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -155,3 +157,21 @@ def internal_status(domain: str) -> status_pb2.Status:
         message="internal error",
         details=[_pack(error_details_pb2.ErrorInfo(reason="INTERNAL", domain=domain))],
     )
+
+
+def status_from_trailers(trailers: Iterable[tuple[str, str | bytes]] | None) -> status_pb2.Status | None:
+    """The ``google.rpc.Status`` in a call's ``grpc-status-details-bin`` trailer, or None."""
+    for key, value in trailers or ():
+        if key != "grpc-status-details-bin":
+            continue
+        raw = value
+        if isinstance(raw, str):  # not expected (a -bin key arrives as bytes), but never crash here
+            try:
+                raw = base64.b64decode(raw + "=" * (-len(raw) % 4))
+            except (binascii.Error, ValueError):
+                return None
+        try:
+            return status_pb2.Status.FromString(raw)
+        except Exception:  # a malformed trailer: decoded as if there were none
+            return None
+    return None

@@ -15,6 +15,8 @@ from google.rpc import status_pb2
 from grpc_status import rpc_status
 from opentelemetry import trace
 
+from common.errors import status_from_trailers
+
 from . import jsonmap, transcode
 
 log = logging.getLogger("stationthis.gateway")
@@ -202,7 +204,7 @@ def status_of(exc: grpc.aio.AioRpcError, method: str) -> status_pb2.Status:
             # grpc.aio turns a client-streaming call into INTERNAL when a write races the service's
             # answer (the service refused the upload while its bytes were still being sent); the
             # service's own status is in the trailers, and it is the answer.
-            rich = _trailer_status(exc)
+            rich = status_from_trailers(exc.trailing_metadata())  # type: ignore[arg-type]
         if rich is None:
             log.warning("inconsistent rich status from %s", exc.code().name, exc_info=True)
     if rich is not None and rich.details:
@@ -229,13 +231,3 @@ def own_status(code: grpc.StatusCode, method: str) -> status_pb2.Status:
     if code not in _OWN_WORDS:
         code = grpc.StatusCode.INTERNAL
     return transcode.simple_status(code, words.format(service=service, method=method.rsplit("/", 1)[-1]), reason)
-
-
-def _trailer_status(exc: grpc.aio.AioRpcError) -> status_pb2.Status | None:
-    for key, value in exc.trailing_metadata() or ():
-        if key == "grpc-status-details-bin" and isinstance(value, bytes):
-            try:
-                return status_pb2.Status.FromString(value)
-            except Exception:
-                return None
-    return None

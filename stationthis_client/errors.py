@@ -20,15 +20,15 @@ deadline passed first) the message is written here, in the same plain words, nev
 
 from __future__ import annotations
 
-import base64
-import binascii
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from google.protobuf import duration_pb2
-from google.rpc import error_details_pb2, status_pb2
+from google.rpc import code_pb2, error_details_pb2
+
+from common.errors import status_from_trailers
 
 
 @dataclass(frozen=True)
@@ -172,26 +172,6 @@ BY_CODE: dict[str, type[StationThisError]] = {
     "CANCELLED": Cancelled,
     "UNIMPLEMENTED": Unimplemented,
 }
-# google.rpc.Code numbers (the same as gRPC's status codes).
-CODE_NAMES = {
-    0: "OK",
-    1: "CANCELLED",
-    2: "UNKNOWN",
-    3: "INVALID_ARGUMENT",
-    4: "DEADLINE_EXCEEDED",
-    5: "NOT_FOUND",
-    6: "ALREADY_EXISTS",
-    7: "PERMISSION_DENIED",
-    8: "RESOURCE_EXHAUSTED",
-    9: "FAILED_PRECONDITION",
-    10: "ABORTED",
-    11: "OUT_OF_RANGE",
-    12: "UNIMPLEMENTED",
-    13: "INTERNAL",
-    14: "UNAVAILABLE",
-    15: "DATA_LOSS",
-    16: "UNAUTHENTICATED",
-}
 ERROR_INFO = "google.rpc.ErrorInfo"
 BAD_REQUEST = "google.rpc.BadRequest"
 RETRY_INFO = "google.rpc.RetryInfo"
@@ -225,7 +205,7 @@ def make_error(
 
 def from_status(status: Any, fallback: str | None = None) -> StationThisError:
     """The exception for a ``google.rpc.Status`` message; ``fallback`` replaces an empty message."""
-    code = CODE_NAMES.get(int(status.code), "UNKNOWN")
+    code = code_pb2.Code.Name(status.code) if status.code in code_pb2.Code.values() else "UNKNOWN"
     reason, domain, metadata = "", "", {}
     violations: list[Violation] = []
     retry_after: float | None = None
@@ -244,24 +224,6 @@ def from_status(status: Any, fallback: str | None = None) -> StationThisError:
             retry_after = retry.retry_delay.ToTimedelta().total_seconds()
     message = status.message or fallback or _DEFAULT_MESSAGES.get(code, "the request failed")
     return make_error(code, message, reason, metadata, violations, domain=domain, retry_after=retry_after)
-
-
-def status_from_trailers(trailers: Iterable[tuple[str, Any]] | None) -> Any:
-    """The ``google.rpc.Status`` in a call's ``grpc-status-details-bin`` trailer, or None."""
-    for key, value in trailers or ():
-        if key != "grpc-status-details-bin":
-            continue
-        raw = value
-        if isinstance(raw, str):  # not expected (a -bin key arrives as bytes), but never crash here
-            try:
-                raw = base64.b64decode(raw + "=" * (-len(raw) % 4))
-            except (binascii.Error, ValueError):
-                return None
-        try:
-            return status_pb2.Status.FromString(raw)
-        except Exception:  # a malformed trailer: decoded as if there were none
-            return None
-    return None
 
 
 def from_error_body(body: Any, http_status: int, retry_after: float | None = None) -> StationThisError:
@@ -366,5 +328,5 @@ __all__ = [
     "from_error_body",
     "from_status",
     "make_error",
-    "status_from_trailers",
+    "status_from_trailers",  # from common.errors
 ]
