@@ -12,7 +12,7 @@ import threading
 import types
 from collections.abc import AsyncIterator, Coroutine, Iterator, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 from stationthis.comfyui.v1 import comfyui_service_pb2 as svc
 from stationthis.comfyui.v1 import run_pb2
@@ -66,81 +66,64 @@ async def _build(endpoints: Endpoints | None, **options: Any) -> AsyncClient:
     return AsyncClient(endpoints, **options)  # made on its loop, where its channels will live
 
 
-class SyncWatch:
-    """A ``RunWatch`` iterated synchronously: ``for event in watch``; ``run``, ``resumes``,
-    ``last_event_id``, ``finished`` as there; ``close()`` stops it early."""
+E = TypeVar("E", RunWatch, Generation)
 
-    def __init__(self, loop: _Loop, watch: RunWatch) -> None:
+
+class _SyncEvents(Generic[E]):
+    """An async run-event iterator (``RunWatch`` or ``Generation``) iterated synchronously on the
+    client's loop: ``for event in it``; ``resumes`` and ``finished`` as there; ``close()`` stops it."""
+
+    def __init__(self, loop: _Loop, events: E) -> None:
         self._loop = loop
-        self._watch = watch
+        self._events: E = events
+
+    @property
+    def resumes(self) -> int:
+        return self._events.resumes
+
+    @property
+    def finished(self) -> bool:
+        return self._events.finished
+
+    def __iter__(self) -> Iterator[svc.WatchRunResponse]:
+        return self
+
+    def __next__(self) -> svc.WatchRunResponse:
+        try:
+            return self._loop.run(_next(self._events))
+        except StopAsyncIteration:
+            raise StopIteration from None
+
+    def close(self) -> None:
+        self._loop.run(self._events.aclose())
+
+
+class SyncWatch(_SyncEvents[RunWatch]):
+    """A ``RunWatch`` iterated synchronously; ``run`` and ``last_event_id`` as there."""
 
     @property
     def run(self) -> run_pb2.Run | None:
-        return self._watch.run
-
-    @property
-    def resumes(self) -> int:
-        return self._watch.resumes
+        return self._events.run
 
     @property
     def last_event_id(self) -> str:
-        return self._watch.last_event_id
-
-    @property
-    def finished(self) -> bool:
-        return self._watch.finished
-
-    def __iter__(self) -> Iterator[svc.WatchRunResponse]:
-        return self
-
-    def __next__(self) -> svc.WatchRunResponse:
-        try:
-            return self._loop.run(_next(self._watch))
-        except StopAsyncIteration:
-            raise StopIteration from None
-
-    def close(self) -> None:
-        self._loop.run(self._watch.aclose())
+        return self._events.last_event_id
 
 
-class SyncGeneration:
-    """A ``Generation`` iterated synchronously: ``for event in generation``; ``run`` is the latest
-    run, ``wait()`` drains the events and returns the final run, ``close()`` stops watching."""
-
-    def __init__(self, loop: _Loop, generation: Generation) -> None:
-        self._loop = loop
-        self._generation = generation
+class SyncGeneration(_SyncEvents[Generation]):
+    """A ``Generation`` iterated synchronously: ``run`` is the latest run, ``wait()`` drains the
+    events and returns the final run."""
 
     @property
     def run(self) -> run_pb2.Run:
-        return self._generation.run
+        return self._events.run
 
     @property
     def run_id(self) -> str:
-        return self._generation.run_id
-
-    @property
-    def resumes(self) -> int:
-        return self._generation.resumes
-
-    @property
-    def finished(self) -> bool:
-        return self._generation.finished
-
-    def __iter__(self) -> Iterator[svc.WatchRunResponse]:
-        return self
-
-    def __next__(self) -> svc.WatchRunResponse:
-        try:
-            return self._loop.run(_next(self._generation))
-        except StopAsyncIteration:
-            raise StopIteration from None
+        return self._events.run_id
 
     def wait(self) -> run_pb2.Run:
-        return self._loop.run(self._generation.wait())
-
-    def close(self) -> None:
-        self._loop.run(self._generation.aclose())
+        return self._loop.run(self._events.wait())
 
 
 class Client:
