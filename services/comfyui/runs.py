@@ -177,7 +177,7 @@ class Runs:
         self.callbacks = extras.callbacks
         self.settings = settings or RunSettings()
         self.clock = clock
-        self._medians: dict[tuple[str, int], tuple[float, float]] = {}  # (at, median) per workflow/GPU
+        self._medians: dict[tuple[str, int], tuple[float, float | None]] = {}  # (at, median) per workflow/GPU
         self.owner = uuid.uuid4().hex  # this replica, for the reconciler's lease
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -217,18 +217,18 @@ class Runs:
             await self.callbacks.mark_due(record.run.run_id)
 
     async def _median(self, run: S.Run) -> float | None:
-        """The median of the workflow's recent durations on the run's GPU (a known one cached for a
-        second; no history is asked again, so the first ETA shows as soon as there is one)."""
+        """The median of the workflow's recent durations on the run's GPU, cached for a second (it is
+        asked on every webhook); a duration recorded here drops the entry, so the first ETA after a
+        workflow's first success shows at once."""
         key = (run.workflow_id, int(run.gpu or gpu_pb2.GPU_TYPE_CPU))
         cached = self._medians.get(key)
         now = time.monotonic()
         if cached is not None and now - cached[0] < 1.0:
             return cached[1]
         median = _median(await self.history.durations(*key))
-        if median is not None:
-            if len(self._medians) > 1000:
-                self._medians.clear()
-            self._medians[key] = (now, median)
+        if len(self._medians) > 1000:
+            self._medians.clear()
+        self._medians[key] = (now, median)
         return median
 
     def webhook_url(self, record: Record) -> str:
